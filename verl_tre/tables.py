@@ -1,0 +1,208 @@
+"""The paper's results table from local run records: methods x (task, model size), Markdown and LaTeX.
+
+``python -m verl_tre.tables RUN_DIRS... [--pick final|best] [--out-dir DIR]``
+
+A cell is a run's validation score at its last validation (``final``) or its best one (``best``), averaged
+over the runs that share the cell (mean ± std and the count when there are several). MATH and Countdown
+rewards are 0/1, shown as percentages; HH shows the reward model's score. The paper's recovered figures are
+listed beside our best cell per task.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+from dataclasses import dataclass
+
+from verl_tre.eval.files import write_text
+from verl_tre.runs import METHODS, MODEL_SIZES, TASK_LABELS, TASKS, Run, print_note, read_runs
+
+PERCENT_TASKS = {"math", "countdown"}  # 0/1 rewards: mean reward is pass@1, shown in percent
+# Published numbers recovered so far (best entries; model size not recovered): task -> (metric, value).
+PAPER = {"math": ("MATH test pass@1 (%)", 74.29), "hh": ("HH test reward", 3.8764)}
+
+NO_RUN = "—"
+NO_VAL = "no val"
+
+
+@dataclass
+class Cell:
+    """The runs of one (method, task, size) cell and their per-run scores (None: never validated)."""
+
+    runs: list[Run]
+    scores: list[float | None]
+
+    @property
+    def values(self) -> list[float]:
+        return [s for s in self.scores if s is not None]
+
+    @property
+    def mean(self) -> float | None:
+        return statistics.fmean(self.values) if self.values else None
+
+
+def run_score(run: Run, pick: str = "final", data_source: str | None = None) -> float | None:
+    """A run's validation score (display units: percent for 0/1 tasks): last or best over validations."""
+    if pick not in ("final", "best"):
+        raise ValueError(f"pick must be 'final' or 'best', got {pick!r}")
+    key = run.validation_key(data_source)
+    series = run.series(key) if key else None
+    if series is None:
+        return None
+    value = float(series.iloc[-1] if pick == "final" else series.max())
+    return value * 100 if run.task in PERCENT_TASKS else value
+
+
+def build_cells(
+    runs: list[Run], pick: str = "final", data_source: str | None = None, compact: bool = False
+) -> tuple[list[str], list[tuple[str, str | None]], dict[tuple[str, str, str | None], Cell]]:
+    """(row methods, (task, size) columns grouped by task, cells). Rows and columns include the paper's six
+    methods and six task x size combinations, so gaps stay visible, plus any others the runs have;
+    ``compact`` keeps only rows and columns that have runs."""
+    present_methods = {r.method or "unknown" for r in runs}
+    present_columns = {(r.task or "unknown", r.model_size) for r in runs}
+    methods = list(METHODS) + sorted(present_methods - set(METHODS))
+    columns = [(t, s) for t in TASKS for s in MODEL_SIZES] + sorted(
+        present_columns - {(t, s) for t in TASKS for s in MODEL_SIZES}, key=str
+    )
+    # Group by task (the LaTeX header spans each task's columns), the paper's sizes first.
+    task_order = {t: i for i, t in enumerate(dict.fromkeys([*TASKS, *(t for t, _ in columns)]))}
+    columns.sort(key=lambda c: (task_order[c[0]], MODEL_SIZES.index(c[1]) if c[1] in MODEL_SIZES else len(MODEL_SIZES)))
+    if compact:
+        methods = [m for m in methods if m in present_methods]
+        columns = [c for c in columns if c in present_columns]
+    cells: dict[tuple[str, str, str | None], Cell] = {}
+    for r in runs:
+        key = (r.method or "unknown", r.task or "unknown", r.model_size)
+        cell = cells.setdefault(key, Cell([], []))
+        cell.runs.append(r)
+        cell.scores.append(run_score(r, pick, data_source))
+    return methods, columns, cells
+
+
+def _digits(task: str) -> int:
+    return 2 if task in PERCENT_TASKS else 4
+
+
+def format_cell(cell: Cell | None, task: str, pm: str = "±") -> str:
+    """Text of one cell: the mean, ``± std (n=...)`` over several runs, or a marker when missing."""
+    if cell is None:
+        return NO_RUN
+    vals = cell.values
+    if not vals:
+        return NO_VAL
+    d = _digits(task)
+    text = f"{cell.mean:.{d}f}"
+    if len(vals) > 1:
+        text += f" {pm} {statistics.stdev(vals):.{d}f} (n={len(vals)})"
+    if len(vals) < len(cell.scores):
+        text += f" [{len(cell.scores) - len(vals)} {NO_VAL}]"
+    return text
+
+
+def _column_label(task: str, size: str | None) -> str:
+    return f"{TASK_LABELS.get(task, task)} {size or 'other size'}"
+
+
+def paper_comparison(cells: dict[tuple[str, str, str | None], Cell]) -> list[tuple[str, str, str, str]]:
+    """Rows (task, metric, paper's figure, our best cell with its method and size) for tasks with a figure."""
+    rows = []
+    for task, (metric, value) in PAPER.items():
+        ours = [(c.mean, m, s) for (m, t, s), c in cells.items() if t == task and c.mean is not None]
+        d = _digits(task)
+        best = max(ours, key=lambda x: x[0]) if ours else None
+        rows.append(
+            (
+                TASK_LABELS[task],
+                metric,
+                f"{value:.{d}f}",
+                f"{best[0]:.{d}f} ({METHODS.get(best[1], best[1])}, {best[2] or 'other size'})" if best else NO_RUN,
+            )
+        )
+    return rows
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    """A GitHub Markdown table; the first column left-aligned, the others right-aligned."""
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
+    line = lambda cells: "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
+    sep = "|" + "|".join((":" if i == 0 else "") + "-" * (w + 1) + ("" if i == 0 else ":") for i, w in enumerate(widths)) + "|"
+    return "\n".join([line(header), sep, *(line(r) for r in rows)])
+
+
+def to_markdown(runs: list[Run], pick: str = "final", data_source: str | None = None, compact: bool = False) -> str:
+    """The results table and the paper comparison, in Markdown."""
+    methods, columns, cells = build_cells(runs, pick, data_source, compact)
+    header = ["Method", *(_column_label(t, s) for t, s in columns)]
+    body = [[METHODS.get(m, m), *(format_cell(cells.get((m, t, s)), t) for t, s in columns)] for m in methods]
+    paper = paper_comparison(cells)
+    return (
+        f"Validation score ({pick}); MATH and Countdown in %, HH reward-model score. "
+        f"{NO_RUN} no run, '{NO_VAL}' run without validation.\n\n"
+        + markdown_table(header, body)
+        + "\n\nPaper's recovered figures beside our best cell:\n\n"
+        + markdown_table(["Task", "Metric", "Paper", "Ours (best cell)"], [list(r) for r in paper])
+        + "\n"
+    )
+
+
+def _latex_escape(text: str) -> str:
+    for a, b in (("\\", r"\textbackslash{}"), ("&", r"\&"), ("%", r"\%"), ("_", r"\_"), ("#", r"\#")):
+        text = text.replace(a, b)
+    return text
+
+
+def to_latex(runs: list[Run], pick: str = "final", data_source: str | None = None, compact: bool = False) -> str:
+    """A booktabs table: one header row of tasks spanning their sizes, one of sizes, the paper's row last."""
+    methods, columns, cells = build_cells(runs, pick, data_source, compact)
+    tasks = list(dict.fromkeys(t for t, _ in columns))
+    spans = [sum(1 for t, _ in columns if t == task) for task in tasks]
+    top = " & ".join(rf"\multicolumn{{{n}}}{{c}}{{{_latex_escape(TASK_LABELS.get(t, t))}}}" for t, n in zip(tasks, spans))
+    rules, start = [], 2
+    for n in spans:
+        rules.append(rf"\cmidrule(lr){{{start}-{start + n - 1}}}")
+        start += n
+    sizes = " & ".join(_latex_escape(s.upper() if s else "other size") for _, s in columns)
+    lines = [
+        r"\begin{tabular}{l" + "r" * len(columns) + "}",
+        r"\toprule",
+        rf"Method & {top} \\",
+        " ".join(rules),
+        rf" & {sizes} \\",
+        r"\midrule",
+    ]
+    for m in methods:
+        row = [format_cell(cells.get((m, t, s)), t, pm=r"$\pm$").replace(NO_RUN, "--") for t, s in columns]
+        lines.append(_latex_escape(METHODS.get(m, m)) + " & " + " & ".join(row) + r" \\")
+    lines.append(r"\midrule")
+    # The paper's model size for these figures was not recovered: span the task's columns.
+    paper = [
+        rf"\multicolumn{{{n}}}{{c}}{{{PAPER[t][1]:.{_digits(t)}f}}}" if t in PAPER else rf"\multicolumn{{{n}}}{{c}}{{}}"
+        for t, n in zip(tasks, spans)
+    ]
+    lines += [r"Paper (best entry) & " + " & ".join(paper) + r" \\", r"\bottomrule", r"\end{tabular}", ""]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m verl_tre.tables", description=__doc__.split("\n\n")[0])
+    p.add_argument("run_dirs", nargs="+", help="training run directories, or folders holding them")
+    p.add_argument("--pick", choices=("final", "best"), default="final", help="last or best validation score (default final)")
+    p.add_argument("--data-source", help="validation data source to report (substring); default: the task's main one")
+    p.add_argument("--format", choices=("markdown", "latex"), default="markdown", help="what to print (default markdown)")
+    p.add_argument("--compact", action="store_true", help="only methods and columns that have runs")
+    p.add_argument("--out-dir", help="also write table.md and table.tex there")
+    args = p.parse_args(argv)
+    runs = read_runs(args.run_dirs, report=print_note)
+    md = to_markdown(runs, args.pick, args.data_source, args.compact)
+    tex = to_latex(runs, args.pick, args.data_source, args.compact)
+    print(md if args.format == "markdown" else tex)
+    if args.out_dir:
+        write_text(os.path.join(args.out_dir, "table.md"), md)
+        write_text(os.path.join(args.out_dir, "table.tex"), tex)
+        print(f"wrote {args.out_dir}/table.md and table.tex")
+
+
+if __name__ == "__main__":
+    main()
