@@ -1,0 +1,195 @@
+"""Evaluation: pass@k against brute-force enumeration, maj@k and avg@k by hand, both input formats."""
+
+import itertools
+import json
+import os
+from fractions import Fraction
+from types import SimpleNamespace
+
+import pandas as pd
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from verl_tre.eval import avg_at_k, default_ks, evaluate, load_samples, maj_at_k, pass_at_k
+from verl_tre.eval import metrics as metrics_mod
+from verl_tre.eval.__main__ import main as eval_main
+from verl_tre.eval.answers import fallback_extract, last_boxed
+
+
+def brute_pass_at_k(correct: list[bool], k: int) -> Fraction:
+    subsets = list(itertools.combinations(range(len(correct)), k))
+    return Fraction(sum(any(correct[i] for i in s) for s in subsets), len(subsets))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.booleans(), min_size=1, max_size=12), st.data())
+def test_pass_at_k_equals_enumeration_over_all_k_subsets(correct, data):
+    k = data.draw(st.integers(1, len(correct)))
+    expected = brute_pass_at_k(correct, k)
+    assert pass_at_k(len(correct), sum(correct), k) == pytest.approx(float(expected), abs=1e-15)
+
+
+def test_pass_at_k_large_n_stays_exact():
+    # The float-product form drifts here; C(n-c,k)/C(n,k) with n=1000, c=1, k=500 is exactly 1/2.
+    assert pass_at_k(1000, 1, 500) == 0.5
+    assert pass_at_k(1000, 0, 1000) == 0.0 and pass_at_k(1000, 1000, 1) == 1.0
+
+
+@pytest.mark.parametrize("n,c,k", [(4, 5, 1), (4, -1, 1), (4, 2, 0), (4, 2, 5)])
+def test_pass_at_k_rejects_impossible_arguments(n, c, k):
+    with pytest.raises(ValueError, match="k|c="):
+        pass_at_k(n, c, k)
+
+
+def test_maj_at_k_by_hand_with_ties_and_abstentions():
+    answers, scores = ["a", "a", "b"], [1.0, 1.0, 0.0]
+    assert maj_at_k(answers, scores, 3) == 1.0
+    assert maj_at_k(answers, scores, 1) == pytest.approx(2 / 3)
+    # k=2: {a,a} -> 1, {a,b} tie -> 0.5, {a,b} tie -> 0.5
+    assert maj_at_k(answers, scores, 2) == pytest.approx(2 / 3)
+    # Abstaining samples do not vote; a subset where nobody answers scores 0.
+    assert maj_at_k([None, "b", None], [0.0, 1.0, 0.0], 3) == 1.0
+    assert maj_at_k([None, "b", None], [0.0, 1.0, 0.0], 1) == pytest.approx(1 / 3)
+
+
+def test_maj_at_k_sampling_matches_exact_enumeration(monkeypatch):
+    answers = list("aabbbcaabcdd") + ["a", None, "b", "e"]
+    scores = [1.0 if a == "a" else 0.0 for a in answers]
+    k = 8  # C(16, 8) = 12,870 subsets: above the exact limit
+    sampled = maj_at_k(answers, scores, k)
+    assert maj_at_k(answers, scores, k, seed=0) == sampled  # seeded: reproducible
+    monkeypatch.setattr(metrics_mod, "MAJ_EXACT_LIMIT", 10**6)
+    exact = maj_at_k(answers, scores, k)
+    assert abs(sampled - exact) < 0.02
+
+
+def test_avg_at_k_uses_the_first_k_samples_and_default_ks():
+    assert avg_at_k([1, 0, 0, 1], 2) == 0.5 and avg_at_k([1, 0, 0, 1], 4) == 0.5 and avg_at_k([1, 0, 0, 1], 1) == 1
+    assert default_ks(8) == [1, 2, 4, 8] and default_ks(6) == [1, 2, 4, 6] and default_ks(1) == [1]
+
+
+def test_answer_extraction_fallback():
+    assert last_boxed(r"first \boxed{1} then \boxed{\frac{1}{2}} done") == r"\frac{1}{2}"
+    assert last_boxed(r"\boxed{unclosed") is None
+    assert fallback_extract("countdown", "<think>x</think> <answer> (1 + 2) / 3 </answer>") == "(1+2)/3"
+    assert fallback_extract("hh", "no answer here") is None
+
+
+def boxed_scorer(data_source, solution_str, ground_truth, extra_info=None):
+    """A toy MATH-like reward: 1 when the last boxed answer equals the ground truth."""
+    return float(last_boxed(solution_str) == ground_truth)
+
+
+def write_generation_parquet(path, rows):
+    """What verl.trainer.main_generation writes: the dataset columns plus 'responses' (n strings per row)."""
+    df = pd.DataFrame(
+        {
+            "data_source": [r[0] for r in rows],
+            "prompt": [[{"role": "user", "content": f"q{i}"}] for i in range(len(rows))],
+            "reward_model": [{"style": "rule", "ground_truth": r[1]} for r in rows],
+            "extra_info": [{"split": "test", "index": i} for i in range(len(rows))],
+            "responses": [r[2] for r in rows],
+        }
+    )
+    df.to_parquet(path)
+
+
+def test_evaluate_generation_parquet_with_an_injected_scorer(tmp_path):
+    b = lambda x: rf"so \boxed{{{x}}}"  # noqa: E731
+    rows = [
+        ("mathA", "1", [b(1), b(2), b(2), b(1)]),
+        ("mathA", "5", [b(3), b(3), b(3), b(5)]),
+        ("mathB", "7", [b(7), b(7), "no box", b(0)]),
+    ]
+    path = tmp_path / "gen.parquet"
+    write_generation_parquet(path, rows)
+    groups = load_samples(str(path))
+    report = evaluate(groups, [1, 2, 4], scorer=boxed_scorer, progress=False)
+    assert set(report) == {"mathA", "mathB"}
+    # Expectations from brute force over the same responses.
+    for ds in report:
+        mine = [r for r in rows if r[0] == ds]
+        correct = [[last_boxed(x) == gt for x in resp] for _, gt, resp in mine]
+        for k in (1, 2, 4):
+            want = sum(float(brute_pass_at_k(c, k)) for c in correct) / len(correct)
+            assert report[ds][f"pass@{k}"] == pytest.approx(want)
+        assert report[ds]["mean_reward"] == pytest.approx(sum(map(sum, correct)) / (4 * len(correct)))
+        assert report[ds]["prompts"] == len(mine) and report[ds]["samples"] == 4
+    # maj@4: mathA prompt 1 ties 1 vs 2 -> 0.5, prompt 2 votes 3 -> 0; mathB votes 7 -> 1.
+    assert report["mathA"]["maj@4"] == pytest.approx(0.25)
+    assert report["mathB"]["maj@4"] == 1.0
+    assert report["mathA"]["avg@2"] == pytest.approx((0.5 + 0.0) / 2)
+
+
+def test_non_binary_rewards_report_no_pass_at_k_unless_a_threshold_is_given(tmp_path):
+    path = tmp_path / "gen.parquet"
+    write_generation_parquet(path, [("hh", "", ["short", "a longer answer"]), ("hh", "", ["x", "yy"])])
+    length_reward = lambda ds, s, gt, extra=None: {"score": len(s) / 4.0}  # noqa: E731
+    report = evaluate(load_samples(str(path)), [1, 2], scorer=length_reward, progress=False)["hh"]
+    assert report["pass@1"] is None and report["maj@2"] is None
+    assert report["mean_reward"] == pytest.approx((5 / 4 + 15 / 4 + 1 / 4 + 2 / 4) / 4)
+    report = evaluate(load_samples(str(path)), [1, 2], scorer=length_reward, threshold=1.0, progress=False)["hh"]
+    assert report["pass@1"] == pytest.approx((1.0 + 0.0) / 2) and report["pass@2"] == pytest.approx(0.5)
+
+
+def test_k_above_n_fails_before_any_scoring(tmp_path):
+    path = tmp_path / "gen.parquet"
+    write_generation_parquet(path, [("m", "1", ["a", "b"])])
+
+    def exploding_scorer(*args):
+        raise AssertionError("scored although k was invalid")
+
+    with pytest.raises(ValueError, match=r"\[1, 2\]"):
+        evaluate(load_samples(str(path)), [4], scorer=exploding_scorer, progress=False)
+
+
+def test_generation_parquet_missing_columns_is_named(tmp_path):
+    path = tmp_path / "bad.parquet"
+    pd.DataFrame({"data_source": ["m"], "responses": [["a"]]}).to_parquet(path)
+    with pytest.raises(ValueError, match="reward_model"):
+        load_samples(str(path))
+
+
+def write_validation_dumps(directory, steps):
+    """Dumps written by verl's own RayPPOTrainer._dump_generations, as a run with validation_data_dir does."""
+    from verl.trainer.ppo.ray_trainer import RayPPOTrainer
+
+    for step, (inputs, outputs, scores, extra) in steps.items():
+        RayPPOTrainer._dump_generations(SimpleNamespace(global_steps=step), inputs, outputs, scores, extra, str(directory))
+
+
+def test_validation_dump_through_the_command_line(tmp_path, capsys):
+    dump = tmp_path / "val"
+    # Two prompts x 3 samples, interleaved as verl repeats them; 'acc' and 'pred' from a dict-returning reward.
+    inputs = ["p1"] * 3 + ["p2"] * 3
+    outputs = [r"\boxed{1}", r"\boxed{1}", r"\boxed{2}", "<answer>3</answer>", "<answer>4</answer>", "none"]
+    scores = [1.0, 1.0, 0.0, 0.0, 1.0, 0.0]
+    extra = {"reward": scores, "acc": [s == 1.0 for s in scores]}
+    write_validation_dumps(dump, {2: (inputs, outputs, [0.0] * 6, {}), 4: (inputs, outputs, scores, extra)})
+    with open(dump / "4.jsonl", "a") as f:
+        f.write('{"input": "p3", "outp')  # a run killed mid-write
+    out = tmp_path / "report.json"
+    report = eval_main([str(dump), "--data-source", "math", "--output", str(out), "--quiet"])
+    saved = json.loads(out.read_text())
+    assert saved["metrics"] == report and saved["ks"] == [1, 2, 3]
+    m = report["math"]
+    assert m["prompts"] == 2 and m["samples"] == 3
+    assert m["pass@1"] == pytest.approx((2 / 3 + 1 / 3) / 2)
+    assert m["pass@3"] == 1.0
+    assert m["maj@3"] == pytest.approx((1.0 + 0.5) / 2)  # p2: answers 3 and 4 tie, 'none' abstains
+    assert "| math" in capsys.readouterr().out
+    # --step picks an older dump, whose recorded scores are all 0.
+    assert eval_main([str(dump), "--step", "2", "--quiet"])["validation"]["pass@3"] == 0.0
+
+
+def test_command_line_rejects_bad_k_and_missing_step(tmp_path, capsys):
+    dump = tmp_path / "val"
+    write_validation_dumps(dump, {1: (["p"] * 2, ["a", "b"], [1.0, 0.0], {})})
+    with pytest.raises(SystemExit):
+        eval_main([str(dump), "--k", "1,5"])
+    assert "exceeds the 2 samples" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="available steps: \\[1\\]"):
+        eval_main([str(dump), "--step", "9"])
+    with pytest.raises(FileNotFoundError):
+        eval_main([os.path.join(tmp_path, "nope.parquet")])

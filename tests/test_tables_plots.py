@@ -1,0 +1,142 @@
+"""Run records, tables and plots from the fixture of two tiny CPU runs (tests/fixtures/runs)."""
+
+import json
+import os
+import re
+import shutil
+
+import matplotlib.image as mpimg
+import pytest
+
+from verl_tre import plots, tables
+from verl_tre.runs import detect_method, detect_model_size, find_run_dirs, read_run, read_runs
+
+FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "runs")
+PPO = os.path.join(FIXTURES, "countdown_tiny_ppo")
+TRE_K = os.path.join(FIXTURES, "countdown_tiny_tre_k")
+VAL_KEY = "val-core/countdown/reward/mean@1"
+
+
+def raw_records(path):
+    """Complete JSON lines of a metrics.jsonl, read independently of verl_tre.runs."""
+    out = []
+    with open(os.path.join(path, "metrics.jsonl")) as f:
+        for line in f:
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                pass
+    return out
+
+
+def val_values(path):
+    """Validation values in step order, later records of a step replacing earlier ones."""
+    by_step = {r["step"]: r["metrics"][VAL_KEY] for r in raw_records(path) if VAL_KEY in r["metrics"]}
+    return [by_step[s] for s in sorted(by_step)]
+
+
+def test_reading_the_fixture_runs_tolerates_resume_and_truncation():
+    notes = []
+    ppo, tre = read_runs([FIXTURES], report=notes.append)
+    assert (ppo.method, tre.method) == ("ppo", "tre_k")
+    assert ppo.task == tre.task == "countdown" and ppo.model_size is None
+    assert any("truncated" in n for n in notes) and any("step 4 logged more than once" in n for n in notes)
+    # The resumed step keeps its second record.
+    step4 = [r for r in raw_records(PPO) if r["step"] == 4]
+    assert len(step4) == 2
+    assert ppo.metrics.loc[4, "critic/score/mean"] == step4[1]["metrics"]["critic/score/mean"]
+    assert list(ppo.metrics.index) == sorted(set(r["step"] for r in raw_records(PPO)))
+    assert tre.metrics.index.max() == max(r["step"] for r in raw_records(TRE_K))
+    assert ppo.validation_key() == VAL_KEY
+    assert ppo.series("actor/tre_value") is None and tre.series("actor/tre_value") is not None
+
+
+def test_markdown_table_cells_are_final_or_best_validation_in_percent():
+    runs = read_runs([PPO, TRE_K])
+    for pick, reduce in (("final", lambda v: v[-1]), ("best", max)):
+        md = tables.to_markdown(runs, pick=pick)
+        lines = {ln.split("|")[1].strip(): [c.strip() for c in ln.split("|")[2:-1]] for ln in md.splitlines() if ln.startswith("| ")}
+        header = lines["Method"]
+        col = header.index("Countdown other size")
+        assert lines["PPO"][col] == f"{100 * reduce(val_values(PPO)):.2f}"
+        assert lines["TRE-K"][col] == f"{100 * reduce(val_values(TRE_K)):.2f}"
+        # All six methods and the paper's six columns stay, missing cells marked.
+        assert {"PPO", "Entropy", "Forking Tokens", "KL-Cov", "TRE-K", "TRE-P"} <= set(lines)
+        assert lines["TRE-P"] == ["—"] * len(header)
+        assert header == ["MATH 1.5b", "MATH 7b", "Countdown 1.5b", "Countdown 7b", "Countdown other size", "HH 1.5b", "HH 7b"]
+        assert "74.29" in md and "3.8764" in md
+
+
+def test_cells_average_several_runs_and_mark_runs_without_validation(tmp_path):
+    for name in ("seed0", "seed1", "noval"):
+        shutil.copytree(TRE_K, tmp_path / name)
+    # A third run that never validated.
+    with open(tmp_path / "noval" / "metrics.jsonl", "w") as f:
+        for rec in raw_records(TRE_K):
+            rec["metrics"].pop(VAL_KEY, None)
+            f.write(json.dumps(rec) + "\n")
+    runs = read_runs([str(tmp_path)])
+    _, _, cells = tables.build_cells(runs)
+    cell = cells[("tre_k", "countdown", None)]
+    assert len(cell.runs) == 3 and cell.scores.count(None) == 1
+    text = tables.format_cell(cell, "countdown")
+    assert text == f"{100 * val_values(TRE_K)[-1]:.2f} ± 0.00 (n=2) [1 no val]"
+
+
+def test_latex_table_is_well_formed(tmp_path):
+    tex = tables.to_latex(read_runs([FIXTURES]), pick="best")
+    body = [ln for ln in tex.splitlines() if ln.endswith(r"\\") and not ln.startswith(("Method", " &", "Paper"))]
+    assert len(body) == 6
+    n_cols = re.search(r"\\begin\{tabular\}\{l(r+)\}", tex)[1].count("r")
+    assert all(ln.count("&") == n_cols for ln in body)
+    # The header spans each task's columns contiguously: 2 + 3 + 2 here.
+    assert r"\multicolumn{3}{c}{Countdown}" in tex and r"\cmidrule(lr){4-6}" in tex
+    tables.main([FIXTURES, "--compact", "--out-dir", str(tmp_path)])
+    assert (tmp_path / "table.md").read_text().count("\n| ") >= 3 and (tmp_path / "table.tex").exists()
+
+
+def test_plots_one_figure_per_task_and_size_with_missing_panels_marked(tmp_path):
+    paths = plots.make_plots(read_runs([FIXTURES]), str(tmp_path), smooth=2)
+    assert sorted(os.path.basename(p) for p in paths) == ["countdown_other_size.pdf", "countdown_other_size.png"]
+    img = mpimg.imread(paths[0] if paths[0].endswith("png") else paths[1])
+    assert img.shape[0] > 500 and img.shape[1] > 1000
+    assert open(next(p for p in paths if p.endswith(".pdf")), "rb").read(4) == b"%PDF"
+    # PPO alone never logged the TRE value: that panel says so, the others carry its line.
+    fig = plots.plot_group(read_runs([PPO]), "PPO only")
+    panel = {ax.get_title(): ax for ax in fig.axes}
+    assert [t.get_text() for t in panel["TRE value"].texts] == ["not logged"]
+    assert len(panel["Training reward"].lines) == 1 and not panel["Training reward"].texts
+    xs, ys = panel["Validation score"].lines[0].get_data()
+    assert list(ys) == pytest.approx(val_values(PPO))
+    plots.main([FIXTURES, "--out", str(tmp_path / "cli")])
+    assert len(os.listdir(tmp_path / "cli")) == 2
+
+
+def test_method_and_size_detection_without_run_json(tmp_path):
+    def cfg(**actor):
+        return {"actor_rollout_ref": {"actor": {"entropy_coeff": 0.0, "policy_loss": {"loss_mode": "vanilla"}, **actor}}}
+
+    assert detect_method(cfg()) == "ppo"
+    assert detect_method(cfg(entropy_coeff=0.001)) == "entropy"
+    assert detect_method(cfg(entropy_coeff=0.001, entropy_top_k=2)) == "tre_k"
+    assert detect_method(cfg(entropy_coeff=0.001, entropy_top_p=0.99)) == "tre_p"
+    assert detect_method(cfg(entropy_top_ratio=0.2)) == "forking_tokens"
+    assert detect_method(cfg(policy_loss={"loss_mode": "kl_cov"})) == "kl_cov"
+    assert detect_method(cfg(tre={"mode": "tre_p"})) == "tre_p"
+    assert detect_method({}) is None
+    assert detect_model_size("/models/Qwen2.5-7B-Instruct") == "7b"
+    assert detect_model_size("Qwen/Qwen2.5-1.5B-Instruct") == "1.5b"
+    assert detect_model_size("tiny-qwen2") is None
+    run_dir = tmp_path / "math_ppo_tre_p"
+    run_dir.mkdir()
+    shutil.copy(os.path.join(PPO, "metrics.jsonl"), run_dir)
+    run = read_run(str(run_dir))
+    assert (run.method, run.task) == ("tre_p", "math") and any("no run.json" in n for n in run.notes)
+
+
+def test_bad_run_directories_are_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no metrics.jsonl"):
+        find_run_dirs([str(tmp_path)])
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "metrics": {}}\nnot json\n{"step": 2, "metrics": {}}\n')
+    with pytest.raises(ValueError, match="line 2"):
+        read_run(str(tmp_path))
