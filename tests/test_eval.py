@@ -193,3 +193,52 @@ def test_command_line_rejects_bad_k_and_missing_step(tmp_path, capsys):
         eval_main([str(dump), "--step", "9"])
     with pytest.raises(FileNotFoundError):
         eval_main([os.path.join(tmp_path, "nope.parquet")])
+
+
+SCRIPT = os.path.join(os.path.dirname(__file__), "..", "experiments", "eval", "generate_and_eval.sh")
+
+
+def run_script(*args, **env):
+    import subprocess
+
+    full_env = {**os.environ, "DRY_RUN": "1", "N_GPUS": "2", **env}
+    return subprocess.run(["bash", SCRIPT, *map(str, args)], capture_output=True, text=True, env=full_env, timeout=30)
+
+
+def test_wrapper_merges_fsdp_shards_and_samples_with_the_papers_validation_settings(tmp_path):
+    actor = tmp_path / "global_step_3" / "actor"
+    actor.mkdir(parents=True)
+    (actor / "model_world_size_2_rank_0.pt").touch()
+    data = tmp_path / "test.parquet"
+    data.touch()
+    res = run_script(tmp_path / "global_step_3", data, tmp_path / "out", "rollout.name=hf", KS="1,4")
+    assert res.returncode == 0, res.stderr
+    cmds = [ln[2:] for ln in res.stderr.splitlines() if ln.startswith("+ ")]
+    assert f"--local_dir {actor} --target_dir {tmp_path}/out/hf_model" in cmds[0]
+    gen = cmds[2].split()
+    assert gen[:3] == ["python", "-m", "verl.trainer.main_generation"]
+    for override in ("rollout.temperature=1.0", "rollout.top_p=0.7", "data.n_samples=8", f"model.path={tmp_path}/out/hf_model",
+                     "trainer.n_gpus_per_node=2", "rollout.name=hf"):
+        assert override in gen
+    assert cmds[3].endswith(f"verl_tre.eval {tmp_path}/out/generations.parquet --output {tmp_path}/out/eval.json --k 1,4")
+    # A Hugging Face directory is used as it is.
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "config.json").write_text("{}")
+    res = run_script(tmp_path / "hf", data, tmp_path / "out2", N_SAMPLES="4")
+    assert "model_merger" not in res.stderr and f"model.path={tmp_path}/hf" in res.stderr and "data.n_samples=4" in res.stderr
+
+
+@pytest.mark.parametrize(
+    "ckpt,data,env,message",
+    [
+        ("missing", "data", {}, "does not exist"),
+        ("empty", "data", {}, "neither a Hugging Face model"),
+        ("empty", "nodata", {}, "data file"),
+        ("empty", "data", {"N_SAMPLES": "0"}, "N_SAMPLES"),
+    ],
+)
+def test_wrapper_rejects_bad_inputs_with_a_message(tmp_path, ckpt, data, env, message):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "data").touch()
+    res = run_script(tmp_path / ckpt, tmp_path / data, tmp_path / "out", **env)
+    assert res.returncode == 2 and message in res.stderr
