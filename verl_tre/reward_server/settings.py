@@ -1,0 +1,82 @@
+"""Validated settings of the HH reward server (one place for defaults, limits and their checks)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+
+MODEL_ENV = "HH_REWARD_MODEL_PATH"
+TOKEN_ENV = "REWARD_SERVER_TOKEN"
+
+
+class ServerSettings(BaseModel):
+    """Everything the server needs, checked before any model is loaded.
+
+    Units: ``max_chars`` counts Python characters summed over all prompts and responses of one request;
+    ``max_length`` and ``batch_tokens`` count tokens; ``max_body_bytes`` is derived from ``max_chars``.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    model_path: Path = Field(description="Directory of a saved num_labels=1 sequence-classification model.")
+    host: str = "127.0.0.1"
+    port: int = Field(8888, ge=1, le=65535)
+    token: SecretStr | None = Field(None, description="Bearer token required on /predict when set.")
+    max_items: int = Field(1024, ge=1, description="Most (prompt, response) pairs per request.")
+    max_chars: int = Field(8_000_000, ge=1, description="Most characters per request, prompts and responses together.")
+    max_length: int = Field(4096, ge=32, description="Most tokens per templated pair; longer ones are truncated.")
+    batch_tokens: int = Field(32_768, ge=32, description="Padded tokens per forward pass (rows x longest row).")
+    devices: str = Field("auto", description="'auto' (every visible GPU, else the CPU), 'cpu', or 'cuda:0,cuda:1'.")
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    attn_implementation: str = "sdpa"
+    shutdown_grace_s: float = Field(30.0, gt=0, description="Seconds in-flight requests get after SIGTERM.")
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
+    access_log: bool = True
+
+    @field_validator("model_path")
+    @classmethod
+    def _model_dir_exists(cls, path: Path) -> Path:
+        path = path.expanduser()
+        if not (path / "config.json").is_file():
+            raise ValueError(
+                f"{path} is not a saved model directory (no config.json); pass --model or set {MODEL_ENV} to the "
+                "output of experiments/hh/reward/train_reward_model.py"
+            )
+        return path
+
+    @field_validator("devices")
+    @classmethod
+    def _devices_syntax(cls, devices: str) -> str:
+        devices = devices.strip()
+        if devices in ("auto", "cpu"):
+            return devices
+        names = [d.strip() for d in devices.split(",")]
+        if not all(n.startswith("cuda:") and n[5:].isdigit() for n in names):
+            raise ValueError(f"devices={devices!r}: use 'auto', 'cpu' or a comma list such as 'cuda:0,cuda:1'")
+        return ",".join(names)
+
+    @model_validator(mode="after")
+    def _budget_holds_one_item(self) -> "ServerSettings":
+        if self.batch_tokens < self.max_length:
+            raise ValueError(
+                f"batch_tokens={self.batch_tokens} is below max_length={self.max_length}: one full-length item "
+                "must fit in a forward pass; raise --batch-tokens or lower --max-length"
+            )
+        return self
+
+    @property
+    def max_body_bytes(self) -> int:
+        """Request bodies above this are refused unread: a character costs at most 12 bytes as JSON (a
+        surrogate-pair escape), plus room for the envelope."""
+        return 12 * self.max_chars + (1 << 20)
+
+    def limits(self) -> dict[str, int]:
+        return {
+            "max_items": self.max_items,
+            "max_chars": self.max_chars,
+            "max_length": self.max_length,
+            "batch_tokens": self.batch_tokens,
+            "max_body_bytes": self.max_body_bytes,
+        }
