@@ -1,0 +1,251 @@
+"""Validation of a composed trainer config, by value, before anything expensive starts.
+
+Hydra already rejects unknown keys; this module rejects values that verl would only trip over minutes later
+inside a Ray worker (or never, training something else than intended): out-of-range numbers, unknown names,
+batch sizes that do not divide, missing files. All problems are reported at once, each with the key, the
+value, what is allowed and how to fix it.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from typing import Any, Callable
+
+from omegaconf import DictConfig, OmegaConf
+
+TASKS = ("math", "countdown", "hh")
+MODEL_SIZES = ("1.5b", "7b")
+DEVICES = ("cuda", "cpu", "npu")
+# Estimators that normalise rewards within a group of rollouts of the same prompt: n = 1 gives zero advantages.
+GROUP_ESTIMATORS = ("grpo", "rloo", "grpo_passk", "opo", "reinforce_plus_plus_baseline")
+
+
+class ConfigError(ValueError):
+    """One or more invalid config values; the message lists each with its fix."""
+
+
+def module_file(module: str) -> str:
+    """File of an importable module (a package's __init__.py): for verl's file-based custom_reward_function."""
+    spec = importlib.util.find_spec(module)
+    if spec is None or spec.origin is None:
+        raise ConfigError(f"module {module!r} is not importable; is verl-tre installed (pip install -e .)?")
+    return spec.origin
+
+
+def register_resolvers() -> None:
+    """``${verl_tre.module_file:pkg.mod}`` in yaml: resolved in the driver before the config ships to Ray."""
+    if not OmegaConf.has_resolver("verl_tre.module_file"):
+        OmegaConf.register_new_resolver("verl_tre.module_file", module_file)
+
+
+class _Checker:
+    def __init__(self, config: DictConfig):
+        self.config = config
+        self.problems: list[str] = []
+
+    def get(self, key: str) -> Any:
+        return OmegaConf.select(self.config, key, default=None)
+
+    def fail(self, key: str, message: str) -> None:
+        self.problems.append(f"{key}={self.get(key)!r}: {message}")
+
+    def check(self, key: str, ok: Callable[[Any], bool], allowed: str) -> Any:
+        value = self.get(key)
+        try:
+            good = ok(value)
+        except TypeError:
+            good = False
+        if not good:
+            self.fail(key, f"must be {allowed}; override it, e.g. {key}=<value>")
+        return value
+
+    def positive_int(self, key: str) -> Any:
+        return self.check(key, lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1,
+                          "an integer >= 1")
+
+    def number_in(self, key: str, low: float, high: float, low_open=False, high_open=False) -> Any:
+        def ok(v):
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                return False
+            return (v > low if low_open else v >= low) and (v < high if high_open else v <= high)
+
+        allowed = f"a number in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+        return self.check(key, ok, allowed)
+
+    def one_of(self, key: str, choices) -> Any:
+        return self.check(key, lambda v: v in choices, f"one of {sorted(map(str, choices))}")
+
+
+def _check_data(c: _Checker, launching: bool) -> None:
+    c.positive_int("data.train_batch_size")
+    c.positive_int("data.max_prompt_length")
+    c.positive_int("data.max_response_length")
+    c.one_of("data.truncation", ("error", "left", "right", "middle"))
+    if not launching:
+        return
+    for key in ("data.train_files", "data.val_files"):
+        files = c.get(key)
+        for path in [files] if isinstance(files, str) else list(files or []):
+            if "://" not in str(path) and not os.path.exists(os.path.expanduser(str(path))):
+                c.fail(key, f"file {path} does not exist; prepare the data (experiments/<task>/data_preprocess/) "
+                            f"or point {key} (DATA_DIR in the scripts) at it")
+
+
+def _check_rollout(c: _Checker, world: int) -> None:
+    r = "actor_rollout_ref.rollout"
+    c.one_of(f"{r}.name", ("vllm", "sglang", "hf"))
+    c.one_of(f"{r}.mode", ("sync", "async"))
+    c.positive_int(f"{r}.n")
+    c.number_in(f"{r}.temperature", 0, float("inf"), low_open=True)
+    c.number_in(f"{r}.top_p", 0, 1, low_open=True)
+    c.number_in(f"{r}.gpu_memory_utilization", 0, 1, low_open=True)
+    c.number_in(f"{r}.val_kwargs.temperature", 0, float("inf"))
+    c.number_in(f"{r}.val_kwargs.top_p", 0, 1, low_open=True)
+    c.positive_int(f"{r}.val_kwargs.n")
+    if c.get(f"{r}.val_kwargs.do_sample") and c.get(f"{r}.val_kwargs.temperature") == 0:
+        c.fail(f"{r}.val_kwargs.temperature", "must be > 0 when val_kwargs.do_sample=true")
+    tp = c.positive_int(f"{r}.tensor_model_parallel_size")
+    if isinstance(tp, int) and tp >= 1 and world % tp:
+        c.fail(f"{r}.tensor_model_parallel_size",
+               f"must divide the number of GPUs (trainer.nnodes * trainer.n_gpus_per_node = {world})")
+
+
+def _check_batches(c: _Checker, section: str, world: int, seq_len: int) -> None:
+    """Mini/micro batch arithmetic verl's workers assert at start-up (per data-parallel rank)."""
+    n = c.get("actor_rollout_ref.rollout.n")
+    mini = c.positive_int(f"{section}.ppo_mini_batch_size")
+    batch = c.get("data.train_batch_size")
+    if not all(isinstance(v, int) and v >= 1 for v in (mini, n, batch)):
+        return
+    if mini > batch:
+        c.fail(f"{section}.ppo_mini_batch_size", f"must be <= data.train_batch_size ({batch})")
+    per_rank = mini * n // world
+    if per_rank < 1 or (mini * n) % world:
+        c.fail(f"{section}.ppo_mini_batch_size",
+               f"times rollout.n ({n}) must be a positive multiple of the number of GPUs ({world})")
+    if c.get(f"{section}.use_dynamic_bsz"):
+        max_len = c.positive_int(f"{section}.ppo_max_token_len_per_gpu")
+        if isinstance(max_len, int) and max_len < seq_len:
+            c.fail(f"{section}.ppo_max_token_len_per_gpu",
+                   f"must hold one full sequence: >= max_prompt_length + max_response_length = {seq_len}")
+        return
+    micro, micro_gpu = c.get(f"{section}.ppo_micro_batch_size"), c.get(f"{section}.ppo_micro_batch_size_per_gpu")
+    if (micro is None) == (micro_gpu is None):
+        c.fail(f"{section}.ppo_micro_batch_size_per_gpu",
+               f"set exactly one of {section}.ppo_micro_batch_size_per_gpu and {section}.ppo_micro_batch_size "
+               f"(or {section}.use_dynamic_bsz=true)")
+        return
+    if micro_gpu is None:
+        micro_gpu = micro // world if isinstance(micro, int) else None
+    if not isinstance(micro_gpu, int) or micro_gpu < 1 or (per_rank >= 1 and per_rank % micro_gpu):
+        c.fail(f"{section}.ppo_micro_batch_size_per_gpu",
+               f"must be >= 1 and divide the per-GPU mini-batch (ppo_mini_batch_size * n / GPUs = {per_rank})")
+
+
+def _check_actor(c: _Checker, world: int, seq_len: int) -> None:
+    a = "actor_rollout_ref.actor"
+    c.number_in(f"{a}.optim.lr", 0, float("inf"), low_open=True)
+    c.number_in(f"{a}.optim.lr_warmup_steps_ratio", 0, 1)
+    c.number_in(f"{a}.clip_ratio", 0, float("inf"), low_open=True)
+    c.positive_int(f"{a}.ppo_epochs")
+    c.one_of(f"{a}.loss_agg_mode", ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean",
+                                     "seq-mean-token-sum-norm"))
+    c.one_of(f"{a}.strategy", ("fsdp", "fsdp2", "megatron"))
+    c.number_in(f"{a}.entropy_coeff", 0, float("inf"))
+    from verl.trainer.ppo.core_algos import POLICY_LOSS_REGISTRY
+
+    # verl 0.4.1 computes "vanilla" inline; every other mode comes from the registry.
+    c.one_of(f"{a}.policy_loss.loss_mode", ("vanilla", *POLICY_LOSS_REGISTRY))
+    if c.get(f"{a}.use_kl_loss"):
+        c.number_in(f"{a}.kl_loss_coef", 0, float("inf"))
+    _check_batches(c, a, world, seq_len)
+    from verl_tre.workers.actor.options import TREOptions
+
+    try:
+        TREOptions.from_actor_config(c.get(a))
+    except ValueError as err:
+        c.problems.append(f"{a}: {err}")
+
+
+def _check_critic(c: _Checker, world: int, seq_len: int) -> None:
+    if not c.get("critic.model.path"):
+        c.fail("critic.model.path", "is required by algorithm.adv_estimator=gae (the critic); set it to a model dir")
+    c.number_in("critic.optim.lr", 0, float("inf"), low_open=True)
+    c.number_in("critic.optim.lr_warmup_steps_ratio", 0, 1)
+    c.number_in("critic.cliprange_value", 0, float("inf"), low_open=True)
+    _check_batches(c, "critic", world, seq_len)
+
+
+def _check_algorithm(c: _Checker) -> None:
+    from verl.trainer.ppo.core_algos import ADV_ESTIMATOR_REGISTRY, AdvantageEstimator
+
+    known = {e.value for e in AdvantageEstimator} | set(ADV_ESTIMATOR_REGISTRY)
+    est = c.one_of("algorithm.adv_estimator", tuple(known))
+    c.number_in("algorithm.gamma", 0, 1)
+    c.number_in("algorithm.lam", 0, 1)
+    if est in GROUP_ESTIMATORS and c.get("actor_rollout_ref.rollout.n") == 1:
+        c.fail("actor_rollout_ref.rollout.n",
+               f"must be >= 2 with algorithm.adv_estimator={est}: it compares rollouts of the same prompt, "
+               f"and one rollout per prompt gives zero advantages")
+
+
+def _check_trainer(c: _Checker, launching: bool) -> None:
+    t = "trainer"
+    device = c.one_of(f"{t}.device", DEVICES)
+    c.positive_int(f"{t}.nnodes")
+    c.positive_int(f"{t}.n_gpus_per_node")
+    c.positive_int(f"{t}.total_epochs")
+    if c.get(f"{t}.total_training_steps") is not None:
+        c.positive_int(f"{t}.total_training_steps")
+    for key in ("save_freq", "test_freq"):
+        c.check(f"{t}.{key}", lambda v: isinstance(v, int) and (v == -1 or v >= 1), "-1 (never) or an integer >= 1")
+    mode = c.one_of(f"{t}.resume_mode", ("auto", "disable", "resume_path"))
+    if mode == "resume_path" and "global_step_" not in str(c.get(f"{t}.resume_from_path")):
+        c.fail(f"{t}.resume_from_path", "must name a checkpoint folder .../global_step_<N> with resume_mode=resume_path")
+    from verl.utils.tracking import Tracking
+
+    loggers = c.get(f"{t}.logger")
+    for name in [loggers] if isinstance(loggers, str) else list(loggers or []):
+        if name not in Tracking.supported_backend:
+            c.fail(f"{t}.logger", f"backend {name!r} is unknown; choose from {Tracking.supported_backend}")
+    if launching and device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            c.fail(f"{t}.device", "no CUDA device is visible; on a CPU-only machine pass trainer.device=cpu")
+
+
+def _check_reward(c: _Checker) -> None:
+    from verl.workers.reward_manager.registry import REWARD_MANAGER_REGISTRY
+
+    c.one_of("reward_model.reward_manager", tuple(REWARD_MANAGER_REGISTRY))
+    path = c.get("custom_reward_function.path")
+    if path and not os.path.isfile(os.path.expanduser(str(path))):
+        c.fail("custom_reward_function.path", "must be an existing Python file defining custom_reward_function.name")
+
+
+def validate(config: DictConfig, launching: bool = True) -> None:
+    """Raise ConfigError listing every invalid value in ``config`` (a composed trainer config).
+
+    ``launching=False`` (offline composition) skips what depends on this machine: data files and devices.
+    verl_tre's policy losses must be registered first (``verl_tre.plugin.install()``).
+    """
+    c = _Checker(config)
+    c.one_of("verl_tre.task", TASKS + (None,))
+    c.one_of("verl_tre.model_size", MODEL_SIZES + (None,))
+    _check_trainer(c, launching)
+    nnodes, per_node = c.get("trainer.nnodes"), c.get("trainer.n_gpus_per_node")
+    world = nnodes * per_node if all(isinstance(v, int) and v >= 1 for v in (nnodes, per_node)) else 1
+    _check_data(c, launching)
+    prompt, response = c.get("data.max_prompt_length"), c.get("data.max_response_length")
+    seq_len = prompt + response if all(isinstance(v, int) for v in (prompt, response)) else 0
+    _check_rollout(c, world)
+    _check_algorithm(c)
+    _check_actor(c, world, seq_len)
+    if c.get("algorithm.adv_estimator") == "gae":
+        _check_critic(c, world, seq_len)
+    _check_reward(c)
+    if c.problems:
+        lines = "\n".join(f"  - {p}" for p in c.problems)
+        raise ConfigError(f"invalid trainer configuration ({len(c.problems)} problem(s)):\n{lines}")

@@ -1,0 +1,136 @@
+"""verl's PPO trainer with TRE: ``python -m verl_tre.trainer.main_ppo [hydra overrides]``.
+
+Accepts every option of ``python -m verl.trainer.main_ppo`` (our config extends verl's ppo_trainer.yaml) plus
+ours (actor_rollout_ref.actor.trust_region / forking_tokens, the presets ``task=``, ``model=``, ``method=``, and
+the ``verl_tre`` section). Before Ray starts it applies CPU mode (trainer.device=cpu, see
+verl_tre/utils/cpu_mode.py) and validates every value (verl_tre/trainer/config_check.py). Then it starts Ray, or
+joins the cluster named by RAY_ADDRESS (multi-node: ``ray start`` on every node first), with a worker setup hook
+that installs our actor, policy losses and run records in every Ray worker process, and runs verl's trainer.
+
+Offline composition: ``verl_tre.dry_run=true`` composes the full config, applies CPU mode, validates it (without
+looking for data files or devices), prints it as YAML and exits; nothing starts.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from verl_tre.trainer import config_check
+from verl_tre.utils import cpu_mode
+
+config_check.register_resolvers()
+
+# Environment verl's own entry point gives its Ray job, plus ours; forwarded prefixes reach workers on any node.
+_JOB_ENV = {"TOKENIZERS_PARALLELISM": "true", "NCCL_DEBUG": "WARN", "VLLM_LOGGING_LEVEL": "WARN",
+            "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "true"}
+_FORWARDED_PREFIXES = ("VERL_TRE_", "REWARD_SERVER_", "HF_", "TRANSFORMERS_", "WANDB_")
+
+
+def install_extensions() -> None:
+    """Our actor, policy losses and run records, in the current process."""
+    from verl_tre.utils import run_record
+
+    if os.environ.get("VERL_TRE_DEVSKIP") != "1":  # DEV-ONLY until the plugin lands
+        from verl_tre import plugin
+        plugin.install()
+    run_record.install()
+
+
+def hide_trl_without_value_head() -> None:
+    """verl 0.4.1 imports trl.AutoModelForCausalLMWithValueHead whenever trl is installed (to patch its
+    state_dict, and as a critic fallback); trl 0.29 moved it to trl.experimental, so every actor build fails
+    with an ImportError. Where the class is gone, make verl treat trl as absent: it then loads the critic with
+    AutoModelForTokenClassification, which is what it tries first anyway."""
+    import importlib.util
+
+    if importlib.util.find_spec("trl") is None:
+        return
+    import trl
+
+    if not hasattr(trl, "AutoModelForCausalLMWithValueHead"):
+        import verl.models.transformers.monkey_patch as verl_monkey_patch
+        import verl.utils.model as verl_model
+
+        verl_monkey_patch.is_trl_available = verl_model.is_trl_available = lambda: False
+
+
+def setup_worker_process() -> None:
+    """Ray's worker_process_setup_hook: runs in every worker process before any verl class is built."""
+    if os.environ.get(cpu_mode.ENV_FLAG) == "1":
+        cpu_mode.apply_worker_patches()
+    hide_trl_without_value_head()
+    install_extensions()
+
+
+def prepare(config: DictConfig, launching: bool) -> list[str]:
+    """Apply CPU mode, resolve and validate ``config`` in place; returns the CPU-mode notes."""
+    notes = cpu_mode.adjust_config(config)
+    OmegaConf.resolve(config)
+    install_extensions()
+    config_check.validate(config, launching=launching)
+    return notes
+
+
+def _job_env(config: DictConfig) -> dict[str, str]:
+    env = dict(_JOB_ENV)
+    env.update({k: v for k, v in os.environ.items() if k.startswith(_FORWARDED_PREFIXES)})
+    if cpu_mode.is_cpu_mode(config):
+        env.update(cpu_mode.worker_env(config))
+    return env
+
+
+def init_ray(config: DictConfig) -> bool:
+    """Start or join Ray with our setup hook; returns True when this call started (and so owns) Ray."""
+    import ray
+
+    if ray.is_initialized():
+        raise RuntimeError("Ray is already initialized in this process without verl_tre's worker setup hook; "
+                           "call ray.shutdown() first or launch through verl_tre.trainer.main_ppo.")
+    runtime_env = {"env_vars": _job_env(config), "worker_process_setup_hook": "verl_tre.trainer.main_ppo.setup_worker_process"}
+    address = os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, runtime_env=runtime_env)
+        return False
+    kwargs = {"num_cpus": OmegaConf.select(config, "ray_init.num_cpus")}
+    if cpu_mode.is_cpu_mode(config):
+        kwargs.update(cpu_mode.ray_init_kwargs(config))
+    ray.init(runtime_env=runtime_env, **kwargs)
+    return True
+
+
+def run(config: DictConfig) -> None:
+    """Validate ``config`` and run verl's trainer (or print the config when verl_tre.dry_run=true)."""
+    dry_run = bool(OmegaConf.select(config, "verl_tre.dry_run"))
+    notes = prepare(config, launching=not dry_run)
+    for note in notes:
+        print(f"[verl_tre] cpu mode: {note}", file=sys.stderr)
+    if dry_run:
+        print(OmegaConf.to_yaml(config))
+        return
+    if cpu_mode.is_cpu_mode(config):
+        cpu_mode.apply_worker_patches()
+    import ray
+    from verl.trainer.main_ppo import run_ppo
+
+    owns_ray = init_ray(config)
+    try:
+        run_ppo(config)
+    finally:
+        if owns_ray:
+            ray.shutdown()
+
+
+@hydra.main(config_path="config", config_name="ppo_trainer", version_base=None)
+def main(config: DictConfig) -> None:
+    try:
+        run(config)
+    except config_check.ConfigError as err:
+        sys.exit(f"error: {err}")
+
+
+if __name__ == "__main__":
+    main()

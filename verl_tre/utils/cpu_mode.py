@@ -1,0 +1,212 @@
+"""CPU mode: what verl 0.4.1 needs to run its RayPPOTrainer on a machine without GPUs.
+
+Used only when ``trainer.device=cpu``. Three kinds of adjustment, each listed with its reason:
+
+- ``adjust_config(config)``: settings whose GPU values cannot work on CPU (changed in place, reported).
+- ``ray_init_kwargs(config)``: resources Ray must advertise so verl's GPU-shaped scheduling finds "devices".
+- ``apply_worker_patches()``: process-level fixes for places where verl 0.4.1 assumes CUDA; must run in every
+  Ray worker process (the entry point registers it as Ray's ``worker_process_setup_hook``).
+
+Everything here targets verl 0.4.1's source exactly; on any other version ``require_pinned_verl`` refuses to run
+rather than patch code it has not been checked against.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+PINNED_VERL_VERSION = "0.4.1"
+
+# Set in the Ray job's environment so that worker processes know to patch themselves.
+ENV_FLAG = "VERL_TRE_CPU_MODE"
+
+
+def is_cpu_mode(config: DictConfig) -> bool:
+    return OmegaConf.select(config, "trainer.device") == "cpu"
+
+
+def require_pinned_verl() -> None:
+    """Raise unless the installed verl is the version these adjustments were written against."""
+    import verl
+
+    found = getattr(verl, "__version__", "unknown")
+    if found != PINNED_VERL_VERSION:
+        raise RuntimeError(
+            f"CPU mode (trainer.device=cpu) supports verl=={PINNED_VERL_VERSION} only, found verl {found}: its "
+            f"adjustments patch that release's internals. Fix: pip install verl=={PINNED_VERL_VERSION}, "
+            f"or run on GPUs with trainer.device=cuda."
+        )
+
+
+# (config key, CPU value, reason). Keys are changed only where their value differs.
+_CONFIG_ADJUSTMENTS: tuple[tuple[str, object, str], ...] = (
+    ("actor_rollout_ref.actor.strategy", "fsdp2", "FSDP1's sync_module_states needs parameters on a GPU"),
+    ("actor_rollout_ref.ref.strategy", "fsdp2", "FSDP1's sync_module_states needs parameters on a GPU"),
+    ("critic.strategy", "fsdp2", "FSDP1's sync_module_states needs parameters on a GPU"),
+    ("actor_rollout_ref.model.override_config._attn_implementation", "sdpa",
+     "verl hard-codes flash_attention_2, a CUDA-only kernel"),
+    ("critic.model.override_config._attn_implementation", "sdpa",
+     "verl hard-codes flash_attention_2, a CUDA-only kernel"),
+    ("actor_rollout_ref.model.use_remove_padding", False,
+     "packed sequences need flash-attn's varlen kernel; SDPA would attend across packed sequences"),
+    ("critic.model.use_remove_padding", False,
+     "packed sequences need flash-attn's varlen kernel; SDPA would attend across packed sequences"),
+    ("actor_rollout_ref.model.use_fused_kernels", False, "the fused kernels are Triton (GPU) code"),
+    ("actor_rollout_ref.rollout.name", "hf", "vLLM and SGLang need CUDA; HF generate runs anywhere"),
+    ("actor_rollout_ref.rollout.mode", "sync", "async rollout servers are vLLM/SGLang only"),
+    ("actor_rollout_ref.rollout.tensor_model_parallel_size", 1, "HF rollout has no tensor parallelism"),
+    ("actor_rollout_ref.actor.use_torch_compile", False,
+     "inductor's first CPU compile costs tens of seconds per worker process, more than a tiny run"),
+    ("actor_rollout_ref.actor.fsdp_config.param_offload", False, "there is no device memory to offload from"),
+    ("actor_rollout_ref.actor.fsdp_config.optimizer_offload", False, "there is no device memory to offload from"),
+    ("actor_rollout_ref.actor.fsdp_config.offload_policy", False, "there is no device memory to offload from"),
+    ("actor_rollout_ref.ref.fsdp_config.param_offload", False, "there is no device memory to offload from"),
+    ("critic.model.fsdp_config.param_offload", False, "there is no device memory to offload from"),
+    ("critic.model.fsdp_config.optimizer_offload", False, "there is no device memory to offload from"),
+    ("critic.model.fsdp_config.offload_policy", False, "there is no device memory to offload from"),
+)
+
+
+def adjust_config(config: DictConfig) -> list[str]:
+    """Change the settings that cannot work on CPU, in place; returns one line per change made.
+
+    Call on the composed config before validation and before Ray starts (no-op unless trainer.device=cpu).
+    """
+    if not is_cpu_mode(config):
+        return []
+    require_pinned_verl()
+    notes = []
+    with open_dict(config):
+        for key, value, reason in _CONFIG_ADJUSTMENTS:
+            old = OmegaConf.select(config, key, default=None)
+            if old != value:
+                OmegaConf.update(config, key, value, force_add=True)
+                notes.append(f"{key}: {old!r} -> {value!r} ({reason})")
+    return notes
+
+
+def ray_init_kwargs(config: DictConfig) -> dict:
+    """Resources for ``ray.init`` on a CPU-only machine (worker processes stand in for GPUs).
+
+    - verl's resource check counts Ray's "GPU" resource: advertise one logical GPU per worker process.
+    - With trainer.device=cpu verl's placement bundles ask for a custom resource named "cpu"; without it the
+      placement groups wait forever, silently.
+    - Each worker bundle and the TaskRunner take one logical CPU: advertise enough even on a 2-core machine
+      (the cores are shared; Ray's CPU counts are bookkeeping, not pinning).
+    """
+    n = int(config.trainer.n_gpus_per_node) * int(config.trainer.nnodes)
+    cpus = OmegaConf.select(config, "ray_init.num_cpus") or max(os.cpu_count() or 1, n + 1)
+    return {"num_cpus": max(int(cpus), n + 1), "num_gpus": n, "resources": {"cpu": n}}
+
+
+def worker_env(config: DictConfig) -> dict[str, str]:
+    """Environment for the Ray job in CPU mode.
+
+    The flag makes the setup hook patch each worker. Ray pins every worker to one intra-op thread (its
+    logical CPU); a lone worker on a many-core machine would leave the other cores idle, so share the cores
+    among the worker processes instead.
+    """
+    n = int(config.trainer.n_gpus_per_node) * int(config.trainer.nnodes)
+    return {ENV_FLAG: "1", "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // n))}
+
+
+def _unpinned_offload_policy(policy_cls):
+    @functools.wraps(policy_cls)
+    def make(*args, pin_memory: bool = True, **kwargs):
+        return policy_cls(*args, pin_memory=False, **kwargs)
+
+    return make
+
+
+def _sdpa_value_model_loader(local_path, torch_dtype, model_config, trust_remote_code):
+    """verl's load_valuehead_model with SDPA attention (verl passes flash_attention_2 explicitly)."""
+    from transformers import AutoModelForTokenClassification
+
+    model_config._attn_implementation = "sdpa"
+    return AutoModelForTokenClassification.from_pretrained(
+        local_path, torch_dtype=torch_dtype, config=model_config, attn_implementation="sdpa",
+        trust_remote_code=trust_remote_code,
+    )
+
+
+def _single_backend_init(init_process_group):
+    """torch rejects verl's "cpu:gloo,cpu:gloo" (two backends for one device type): collapse it to "gloo"."""
+
+    @functools.wraps(init_process_group)
+    def init(*args, backend=None, **kwargs):
+        if isinstance(backend, str) and "," in backend:
+            names = {part.split(":")[-1] for part in backend.split(",")}
+            if len(names) == 1:
+                backend = names.pop()
+        return init_process_group(*args, backend=backend, **kwargs)
+
+    return init
+
+
+class _NoTiming:
+    # verl 0.4.1's generate_sequences reads rollout_sharding_manager.timing, which only the vLLM/SGLang
+    # managers define; the HF rollout's BaseShardingManager has none (an AttributeError on every step).
+    @property
+    def timing(self) -> dict:
+        return {}
+
+
+_PATCHED = False
+
+
+def apply_worker_patches() -> None:
+    """Patch this process for CPU execution. Idempotent. Each patch names the verl 0.4.1 code it serves."""
+    global _PATCHED
+    if _PATCHED:
+        return
+    require_pinned_verl()
+    import platform
+
+    import psutil
+    import torch
+    import torch.distributed
+
+    import verl.utils.device as verl_device
+    import verl.utils.model as verl_model
+    import verl.workers.fsdp_workers as fsdp_workers
+    from verl.workers.sharding_manager.base import BaseShardingManager
+
+    # verl calls get_torch_device().<fn>() (torch.cpu on CPU) for memory logging, cache clearing, seeding and
+    # checkpointed RNG state; torch.cpu lacks these. Fill only what is missing, with CPU meanings: there is no
+    # separate device allocator (0 bytes), the RNG is torch's default generator, "device memory" is host RAM.
+    def _mem_get_info():
+        vm = psutil.virtual_memory()
+        return vm.available, vm.total
+
+    shims = {
+        "memory_allocated": lambda *a, **k: 0,
+        "memory_reserved": lambda *a, **k: 0,
+        "max_memory_allocated": lambda *a, **k: 0,
+        "max_memory_reserved": lambda *a, **k: 0,
+        "reset_peak_memory_stats": lambda *a, **k: None,
+        "mem_get_info": lambda *a, **k: _mem_get_info(),
+        "empty_cache": lambda: None,
+        "manual_seed": torch.manual_seed,
+        "manual_seed_all": torch.manual_seed,
+        "get_rng_state": lambda *a, **k: torch.get_rng_state(),
+        "set_rng_state": lambda state, *a, **k: torch.set_rng_state(state),
+        "get_device_name": lambda *a, **k: platform.processor() or "cpu",
+    }
+    for name, fn in shims.items():
+        if not hasattr(torch.cpu, name):
+            setattr(torch.cpu, name, fn)
+
+    # get_nccl_backend() raises without CUDA/NPU; gloo is torch's CPU backend.
+    verl_device.get_nccl_backend = fsdp_workers.get_nccl_backend = lambda: "gloo"
+    torch.distributed.init_process_group = _single_backend_init(torch.distributed.init_process_group)
+    # The fsdp2 reference model (and offloaded actors) use CPUOffloadPolicy(pin_memory=True); pinning needs an
+    # accelerator.
+    fsdp_workers.CPUOffloadPolicy = _unpinned_offload_policy(fsdp_workers.CPUOffloadPolicy)
+    # The critic's loader passes attn_implementation="flash_attention_2" itself and ignores override_config
+    # (the critic worker imports it from verl.utils.model at build time).
+    verl_model.load_valuehead_model = _sdpa_value_model_loader
+    BaseShardingManager.timing = _NoTiming.timing
+    _PATCHED = True
