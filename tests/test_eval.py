@@ -242,3 +242,20 @@ def test_wrapper_rejects_bad_inputs_with_a_message(tmp_path, ckpt, data, env, me
     (tmp_path / "data").touch()
     res = run_script(tmp_path / ckpt, tmp_path / data, tmp_path / "out", **env)
     assert res.returncode == 2 and message in res.stderr
+
+
+def test_default_scoring_uses_the_task_rewards_and_votes_on_their_answers(tmp_path):
+    from verl_tre.data import sources
+
+    math_path, cd_path = tmp_path / "math.parquet", tmp_path / "countdown.parquet"
+    half = [r"so \boxed{\frac12}", r"\boxed{0.5}", r"thus \boxed{1/2}", r"\boxed{3}"]
+    write_generation_parquet(math_path, [(sources.MATH, r"\frac{1}{2}", half)])
+    fmt = "<think>work</think> <answer>{}</answer>"
+    cd = [fmt.format("(1+2)*3"), fmt.format("1 + 2 + 3"), fmt.format("3+2+1"), "6", fmt.format("1+2+3")]
+    write_generation_parquet(cd_path, [(sources.COUNTDOWN, {"target": 6, "numbers": [1, 2, 3]}, cd)])
+    m = evaluate(load_samples(str(math_path)), [1, 4], progress=False)[sources.MATH]
+    # The reference normalization makes \frac12, 0.5 and 1/2 one answer: 3 votes of 4, all correct.
+    assert m["pass@1"] == 0.75 and m["maj@4"] == 1.0 and m["maj@1"] == 0.75
+    c = evaluate(load_samples(str(cd_path)), [1, 5], progress=False)[sources.COUNTDOWN]
+    # "1 + 2 + 3" and "1+2+3" vote together (2 votes) against "(1+2)*3" and "3+2+1"; the bare "6" abstains.
+    assert c["pass@1"] == pytest.approx(3 / 5) and c["maj@5"] == 1.0 and c["pass@5"] == 1.0

@@ -116,13 +116,13 @@ def test_method_and_size_detection_without_run_json(tmp_path):
     def cfg(**actor):
         return {"actor_rollout_ref": {"actor": {"entropy_coeff": 0.0, "policy_loss": {"loss_mode": "vanilla"}, **actor}}}
 
+    # The trainer's own option names (verl_tre.utils.run_record).
     assert detect_method(cfg()) == "ppo"
     assert detect_method(cfg(entropy_coeff=0.001)) == "entropy"
-    assert detect_method(cfg(entropy_coeff=0.001, entropy_top_k=2)) == "tre_k"
-    assert detect_method(cfg(entropy_coeff=0.001, entropy_top_p=0.99)) == "tre_p"
-    assert detect_method(cfg(entropy_top_ratio=0.2)) == "forking_tokens"
-    assert detect_method(cfg(policy_loss={"loss_mode": "kl_cov"})) == "kl_cov"
-    assert detect_method(cfg(tre={"mode": "tre_p"})) == "tre_p"
+    assert detect_method(cfg(entropy_coeff=0.001, trust_region={"mode": "top_k", "top_k": 2})) == "tre_k"
+    assert detect_method(cfg(entropy_coeff=0.001, trust_region={"mode": "top_p", "top_p": 0.99})) == "tre_p"
+    assert detect_method(cfg(forking_tokens={"enable": True})) == "forking_tokens"
+    assert detect_method(cfg(policy_loss={"loss_mode": "clipped_kl_cov"})) == "kl_cov"
     assert detect_method({}) is None
     assert detect_model_size("/models/Qwen2.5-7B-Instruct") == "7b"
     assert detect_model_size("Qwen/Qwen2.5-1.5B-Instruct") == "1.5b"

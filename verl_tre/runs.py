@@ -21,6 +21,8 @@ from typing import Any
 
 import pandas as pd
 
+from verl_tre.data import sources
+
 # Row order of the tables and legend order of the plots: the paper's.
 METHODS = {
     "ppo": "PPO",
@@ -34,12 +36,8 @@ TASKS = ("math", "countdown", "hh")
 TASK_LABELS = {"math": "MATH", "countdown": "Countdown", "hh": "HH"}
 MODEL_SIZES = ("1.5b", "7b")
 
-# Preferred validation data source per task when a run validates on several (substring matches, in order).
-TASK_DATA_SOURCES = {
-    "math": ("math-lighteval", "lighteval/math", "math"),
-    "countdown": ("countdown",),
-    "hh": ("ultrafeedback", "hh"),
-}
+# Validation data source a task's table cell reports when a run validates on several (the paper's test sets).
+TASK_DATA_SOURCES = {"math": (sources.MATH,), "countdown": (sources.COUNTDOWN,), "hh": (sources.HH,)}
 
 _VAL_KEY = re.compile(r"^val-core/(?P<source>.+)/(?P<var>[^/]+)/mean@(?P<n>\d+)$")
 
@@ -149,34 +147,12 @@ def _flatten(d: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
         yield prefix[:-1], d
 
 
-def _positive(v: Any) -> bool:
-    try:
-        return v is not None and not isinstance(v, bool) and float(v) > 0
-    except (TypeError, ValueError):
-        return False
-
-
 def detect_method(config: dict[str, Any]) -> str | None:
-    """Infer the method from a resolved config when ``run.json`` does not name it.
+    """The method a resolved config trains, by the trainer's own rule; None without an actor section."""
+    from verl_tre.utils.run_record import detect_method as from_actor
 
-    Looks only at ``actor_rollout_ref.actor``: a string option naming a method (e.g. a mode set to "tre_p"),
-    a KL-Cov policy-loss mode, the seed scripts' options (entropy_top_ratio, entropy_top_k, entropy_top_p),
-    then entropy_coeff > 0 ("Entropy"), else PPO. None when the config has no actor section.
-    """
     actor = config.get("actor_rollout_ref", {}).get("actor")
-    if not isinstance(actor, dict):
-        return None
-    leaves = dict(_flatten(actor))
-    for key, v in leaves.items():
-        if isinstance(v, str) and v in METHODS and v != "ppo" and not key.endswith("loss_mode"):
-            return v
-    if any(key.endswith("loss_mode") and isinstance(v, str) and "kl_cov" in v for key, v in leaves.items()):
-        return "kl_cov"
-    last = {key.rsplit(".", 1)[-1]: v for key, v in leaves.items()}
-    for option, method in (("entropy_top_ratio", "forking_tokens"), ("entropy_top_k", "tre_k"), ("entropy_top_p", "tre_p")):
-        if _positive(last.get(option)):
-            return method
-    return "entropy" if _positive(last.get("entropy_coeff")) else "ppo"
+    return from_actor(actor) if isinstance(actor, dict) else None
 
 
 def detect_model_size(model: str | None) -> str | None:

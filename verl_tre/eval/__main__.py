@@ -21,7 +21,7 @@ def _parse_ks(text: str) -> list[int]:
     try:
         ks = sorted({int(x) for x in text.split(",") if x.strip()})
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--k takes comma-separated positive integers such as 1,4,8; got {text!r}")
+        raise argparse.ArgumentTypeError(f"--k takes comma-separated positive integers such as 1,4,8; got {text!r}") from None
     if not ks or ks[0] < 1:
         raise argparse.ArgumentTypeError(f"--k values must be positive integers, got {text!r}")
     return ks
@@ -44,6 +44,10 @@ def main(argv: list[str] | None = None) -> dict:
         "--threshold", type=float,
         help="a sample counts as correct for pass@k when its score >= this (default: 0/1 rewards, 1 is correct)",
     )
+    p.add_argument(
+        "--reward-kwargs", type=json.loads, default={},
+        help='options of the reward dispatcher as JSON, e.g. \'{"math_verify": true}\' or \'{"hh_url": "http://..."}\'',
+    )
     p.add_argument("--output", help="write the JSON report here")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
@@ -53,7 +57,9 @@ def main(argv: list[str] | None = None) -> dict:
     ks = args.k or default_ks(n)
     if ks[-1] > n:
         p.error(f"--k {ks[-1]} exceeds the {n} samples the smallest prompt has; sample more (data.n_samples) or lower k")
-    report = evaluate(groups, ks, threshold=args.threshold, progress=not args.quiet)
+    if not isinstance(args.reward_kwargs, dict):
+        p.error(f"--reward-kwargs must be a JSON object, got {args.reward_kwargs!r}")
+    report = evaluate(groups, ks, threshold=args.threshold, progress=not args.quiet, reward_kwargs=args.reward_kwargs)
     print(format_report(report))
     if args.output:
         write_text(args.output, json.dumps({"input": args.input, "ks": ks, "metrics": report}, indent=2) + "\n")

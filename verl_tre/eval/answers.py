@@ -1,8 +1,9 @@
 """Final-answer extraction for majority voting.
 
-maj@k needs to know which responses agree. The task reward package may provide its own extractor
-(``verl_tre.utils.reward_score.extract_answer(data_source, solution_str)``); where it does not, the
-fallback below reads the last ``\\boxed{...}`` (MATH) or the last ``<answer>...</answer>`` (Countdown).
+maj@k needs to know which responses agree. For the project's data sources the task reward modules say what
+the answer is (MATH-like: the last box in the reference's normal form; Countdown: the equation of a
+well-formed response; HH: none). Other data sources (e.g. an unlabeled validation dump) fall back to the
+last ``\\boxed{...}``, else the last ``<answer>...</answer>``.
 """
 
 from __future__ import annotations
@@ -44,10 +45,22 @@ def fallback_extract(data_source: str, text: str) -> str | None:
     return found or None
 
 
-def default_extractor() -> Extractor:
-    """The reward package's extractor when it has one, else :func:`fallback_extract`."""
-    try:
-        from verl_tre.utils.reward_score import extract_answer  # type: ignore[attr-defined]
-    except ImportError:
-        return fallback_extract
-    return extract_answer
+def project_extract(data_source: str, text: str) -> str | None:
+    """The answer as the task's reward reads it, so that voting groups what the grader treats alike."""
+    from verl_tre.data import sources
+    from verl_tre.utils.reward_score import countdown, math
+
+    if data_source in sources.MATH_LIKE:
+        boxed = math.last_boxed_answer(text)
+        if boxed is None:
+            return None
+        normal = math.normalize(boxed)
+        return (normal if normal is not None else boxed.strip()) or None
+    if data_source == sources.COUNTDOWN:
+        equation = countdown.extract_answer(text)
+        if equation is None:
+            return None
+        return re.sub(r"\s+", "", equation) or None
+    if data_source == sources.HH:
+        return None  # open-ended answers: nothing to vote on
+    return fallback_extract(data_source, text)

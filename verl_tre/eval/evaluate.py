@@ -9,24 +9,34 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from verl_tre.eval.answers import Extractor, default_extractor
+from verl_tre.eval.answers import Extractor, project_extract
 from verl_tre.eval.metrics import avg_at_k, maj_at_k, pass_at_k
 from verl_tre.eval.samples import PromptSamples, min_samples
 
 # compute_score(data_source, solution_str, ground_truth, extra_info=None) -> float | {"score": float, ...}
 Scorer = Callable[..., Any]
+# (data_sources, solution_strs, ground_truths, extra_infos) -> one float or dict per sample, in order
+BatchScorer = Callable[[list[str], list[str], list[Any], list[Any]], list[Any]]
 
 
-def default_scorer() -> Scorer:
-    """The project's task reward dispatcher, imported only when scoring is needed."""
-    try:
-        from verl_tre.utils.reward_score import compute_score
-    except ImportError as e:
-        raise ImportError(
-            "scoring needs verl_tre.utils.reward_score.compute_score, which failed to import "
-            f"({e}); pass scorer= explicitly or evaluate a validation dump that already holds scores"
-        ) from e
-    return compute_score
+def dispatcher_batch_scorer(**reward_kwargs: Any) -> BatchScorer:
+    """The project's task reward dispatcher in its batch form (HH then reaches the reward server in batches).
+
+    ``reward_kwargs`` are its options (e.g. ``math_verify=True``, ``hh_url=...``).
+    """
+    from verl_tre.utils.reward_score import compute_score
+
+    def score(data_sources, solution_strs, ground_truths, extra_infos):
+        return compute_score(
+            data_sources=data_sources, solution_strs=solution_strs, ground_truths=ground_truths,
+            extra_infos=extra_infos, **reward_kwargs,
+        )
+
+    return score
+
+
+def _per_sample(scorer: Scorer) -> BatchScorer:
+    return lambda ds, sols, gts, extras: [scorer(*args) for args in zip(ds, sols, gts, extras)]
 
 
 def score_samples(
@@ -34,36 +44,50 @@ def score_samples(
     scorer: Scorer | None = None,
     extractor: Extractor | None = None,
     progress: bool = True,
+    reward_kwargs: dict[str, Any] | None = None,
+    chunk_size: int = 256,
 ) -> None:
     """Fill ``scores`` (and ``correct`` / ``answers`` where the scorer reports ``acc`` / ``pred``) in place.
 
-    Groups that already carry scores (validation dumps) are not rescored; answers missing after scoring
-    come from ``extractor`` (default :func:`verl_tre.eval.answers.default_extractor`).
+    ``scorer`` scores one sample; by default the project's dispatcher scores ``chunk_size`` samples per call
+    with ``reward_kwargs``. Groups that already carry scores (validation dumps) are not rescored; answers
+    missing after scoring come from ``extractor`` (default :func:`verl_tre.eval.answers.project_extract`).
     """
     todo = [g for g in groups if g.scores is None]
     if todo:
-        scorer = scorer or default_scorer()
-        total = sum(len(g.responses) for g in todo)
-        with tqdm(total=total, desc="scoring", unit="resp", disable=not progress) as bar:
-            for g in todo:
-                scores, correct, answers = [], [], []
-                for resp in g.responses:
-                    out = scorer(g.data_source, resp, g.ground_truth, g.extra_info)
-                    if isinstance(out, dict):
-                        if "score" not in out:
-                            raise ValueError(f"scorer returned a dict without 'score' for {g.data_source}: {sorted(out)}")
-                        scores.append(float(out["score"]))
-                        correct.append(bool(out["acc"]) if "acc" in out else None)
-                        answers.append(None if out.get("pred") is None else str(out["pred"]))
-                    else:
-                        scores.append(float(out))
-                        correct.append(None)
-                        answers.append(None)
-                    bar.update(1)
-                g.scores = scores
-                g.correct = None if any(c is None for c in correct) else correct
-                g.answers = None if all(a is None for a in answers) else answers
-    extractor = extractor or default_extractor()
+        batch = _per_sample(scorer) if scorer else dispatcher_batch_scorer(**(reward_kwargs or {}))
+        flat = [(g, r) for g in todo for r in g.responses]
+        outputs: list[Any] = []
+        with tqdm(total=len(flat), desc="scoring", unit="resp", disable=not progress) as bar:
+            for i in range(0, len(flat), chunk_size):
+                part = flat[i : i + chunk_size]
+                got = batch(
+                    [g.data_source for g, _ in part], [r for _, r in part],
+                    [g.ground_truth for g, _ in part], [g.extra_info for g, _ in part],
+                )
+                if len(got) != len(part):
+                    raise ValueError(f"the scorer returned {len(got)} scores for {len(part)} responses")
+                outputs.extend(got)
+                bar.update(len(part))
+        pos = 0
+        for g in todo:
+            scores, correct, answers = [], [], []
+            for out in outputs[pos : pos + len(g.responses)]:
+                if isinstance(out, dict):
+                    if "score" not in out:
+                        raise ValueError(f"scorer returned a dict without 'score' for {g.data_source}: {sorted(out)}")
+                    scores.append(float(out["score"]))
+                    correct.append(bool(out["acc"]) if "acc" in out else None)
+                    answers.append(None if out.get("pred") is None else str(out["pred"]))
+                else:
+                    scores.append(float(out))
+                    correct.append(None)
+                    answers.append(None)
+            pos += len(g.responses)
+            g.scores = scores
+            g.correct = None if any(c is None for c in correct) else correct
+            g.answers = None if all(a is None for a in answers) else answers
+    extractor = extractor or project_extract
     for g in groups:
         if g.answers is None:
             g.answers = [extractor(g.data_source, r) for r in g.responses]
@@ -133,10 +157,11 @@ def evaluate(
     extractor: Extractor | None = None,
     threshold: float | None = None,
     progress: bool = True,
+    reward_kwargs: dict[str, Any] | None = None,
 ) -> dict[str, dict[str, float | int | None]]:
     """:func:`score_samples` then :func:`summarize`, with ``ks`` checked before any scoring."""
     n_min = min_samples(groups)
     if any(k < 1 or k > n_min for k in ks):
         raise ValueError(f"every k must lie in [1, {n_min}] (the fewest samples any prompt has), got {list(ks)}")
-    score_samples(groups, scorer=scorer, extractor=extractor, progress=progress)
+    score_samples(groups, scorer=scorer, extractor=extractor, progress=progress, reward_kwargs=reward_kwargs)
     return summarize(groups, ks, threshold=threshold)
