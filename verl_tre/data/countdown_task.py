@@ -88,7 +88,7 @@ def write_countdown_from_records(
     if num_train < 1 or num_test < 1:
         raise ValueError(f"need --num-train >= 1 and --num-test >= 1, got {num_train} and {num_test}")
     if input_path is None:
-        records = load_hub_records(sources.COUNTDOWN_HUB, "train")
+        records = load_hub_records(sources.COUNTDOWN_HUB, "train", " or use --source generate")
         origin = sources.COUNTDOWN_HUB
     else:
         records = load_local_records(input_path)

@@ -40,8 +40,9 @@ def load_local_records(path: str | os.PathLike) -> list[Any]:
     return records
 
 
-def load_hub_records(name: str, split: str) -> Any:
-    """The ``split`` of hub dataset ``name`` (a ``datasets.Dataset``), with a clear error when unreachable."""
+def load_hub_records(name: str, split: str, offline_hint: str = "") -> Any:
+    """The ``split`` of hub dataset ``name`` (a ``datasets.Dataset``), with a clear error when unreachable;
+    ``offline_hint`` names a further way around a missing hub."""
     import datasets
 
     try:
@@ -49,7 +50,7 @@ def load_hub_records(name: str, split: str) -> Any:
     except Exception as error:  # the hub raises many types (offline, auth, missing split); all mean the same here
         raise RuntimeError(
             f"could not load {name!r} (split {split!r}) from the Hugging Face hub: {type(error).__name__}: {error}\n"
-            "without hub access, pass a local copy with --input (JSONL or parquet)"
+            f"without hub access, pass a local copy with --input (JSONL or parquet){offline_hint}"
         ) from error
 
 
