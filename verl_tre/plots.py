@@ -10,6 +10,7 @@ leaves its panel marked "not logged".
 from __future__ import annotations
 
 import argparse
+import sys
 import os
 from collections import defaultdict
 
@@ -125,4 +126,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (ValueError, FileNotFoundError) as error:  # bad input: the message says what to fix
+        sys.exit(f"error: {error}")

@@ -11,6 +11,7 @@ listed beside our best cell per task.
 from __future__ import annotations
 
 import argparse
+import sys
 import os
 import statistics
 from dataclasses import dataclass
@@ -126,9 +127,12 @@ def paper_comparison(cells: dict[tuple[str, str, str | None], Cell]) -> list[tup
 def markdown_table(header: list[str], rows: list[list[str]]) -> str:
     """A GitHub Markdown table; the first column left-aligned, the others right-aligned."""
     widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
-    line = lambda cells: "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
-    sep = "|" + "|".join((":" if i == 0 else "") + "-" * (w + 1) + ("" if i == 0 else ":") for i, w in enumerate(widths)) + "|"
-    return "\n".join([line(header), sep, *(line(r) for r in rows)])
+
+    def line(cells: list[str]) -> str:
+        return "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths)) + " |"
+
+    rules = [":" + "-" * (widths[0] + 1)] + ["-" * (w + 1) + ":" for w in widths[1:]]
+    return "\n".join([line(header), "|" + "|".join(rules) + "|", *(line(r) for r in rows)])
 
 
 def to_markdown(runs: list[Run], pick: str = "final", data_source: str | None = None, compact: bool = False) -> str:
@@ -205,4 +209,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (ValueError, FileNotFoundError) as error:  # bad input: the message says what to fix
+        sys.exit(f"error: {error}")

@@ -8,6 +8,7 @@ recorded scores are used). Prints a Markdown table per data source; ``--output``
 from __future__ import annotations
 
 import argparse
+import sys
 import json
 
 from verl_tre.eval.evaluate import evaluate
@@ -30,7 +31,10 @@ def _parse_ks(text: str) -> list[int]:
 def format_report(report: dict[str, dict]) -> str:
     """The report as a Markdown table: one row per data source, metrics as columns (None shown as —)."""
     columns = list(dict.fromkeys(c for row in report.values() for c in row))
-    fmt = lambda v: "—" if v is None else str(v) if isinstance(v, int) else f"{v:.4f}"  # noqa: E731
+
+    def fmt(v: float | int | None) -> str:
+        return "—" if v is None else str(v) if isinstance(v, int) else f"{v:.4f}"
+
     return markdown_table(["data source", *columns], [[ds, *(fmt(row.get(c)) for c in columns)] for ds, row in report.items()])
 
 
@@ -68,4 +72,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (ValueError, FileNotFoundError) as error:  # bad input: the message says what to fix
+        sys.exit(f"error: {error}")
