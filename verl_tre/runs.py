@@ -186,6 +186,7 @@ def read_run(path: str) -> Run:
     else:
         notes.append(f"{path} has no run.json: task, model size and method inferred")
     config = info.get("config") or {}
+    ours = config.get("verl_tre") or {}  # the trainer's own section: task and model-size presets
     name = os.path.basename(os.path.normpath(path))
     model = info.get("model") or config.get("actor_rollout_ref", {}).get("model", {}).get("path")
     method = info.get("method") or detect_method(config)
@@ -193,9 +194,9 @@ def read_run(path: str) -> Run:
         method = next((m for m in sorted(METHODS, key=len, reverse=True) if m in name.lower()), None)
     return Run(
         path=path,
-        task=info.get("task") or _detect_task(config, name),
+        task=info.get("task") or ours.get("task") or _detect_task(config, name),
         model=model,
-        model_size=info.get("model_size") or detect_model_size(model),
+        model_size=info.get("model_size") or ours.get("model_size") or detect_model_size(model),
         method=method,
         config=config,
         metrics=metrics,
