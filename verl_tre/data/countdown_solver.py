@@ -17,17 +17,14 @@ def _operand(expression: str) -> str:
 
 def _combine(left: dict[Fraction, str], right: dict[Fraction, str], into: dict[Fraction, str]) -> None:
     for a, ea in left.items():
-        pa = _operand(ea)
         for b, eb in right.items():
-            pb = _operand(eb)
-            candidates = [(a + b, f"{pa} + {pb}"), (a - b, f"{pa} - {pb}"), (b - a, f"{pb} - {pa}"),
-                          (a * b, f"{pa} * {pb}")]
-            if b:
-                candidates.append((a / b, f"{pa} / {pb}"))
-            if a:
-                candidates.append((b / a, f"{pb} / {pa}"))
-            for value, expression in candidates:
-                into.setdefault(value, expression)
+            # Expressions are formatted only for new values: most combinations repeat a known value.
+            for value, first, symbol, second in (
+                (a + b, ea, "+", eb), (a - b, ea, "-", eb), (b - a, eb, "-", ea), (a * b, ea, "*", eb),
+                (a / b if b else None, ea, "/", eb), (b / a if a else None, eb, "/", ea),
+            ):
+                if value is not None and value not in into:
+                    into[value] = f"{_operand(first)} {symbol} {_operand(second)}"
 
 
 def reachable(numbers: Sequence[int]) -> dict[Fraction, str]:
