@@ -71,11 +71,12 @@ class _Watchdog:
                 reply = self._read_line(self._proc, timeout)
             except (BrokenPipeError, OSError):
                 reply = None
-            if reply is None:
-                self._kill(self._proc)
-                self._proc = None
-                return False
-            return json.loads(reply) is True
+            if reply in ("true", "false"):
+                return reply == "true"
+            # Late, missing or garbled: this comparison failed and the worker cannot be trusted any more.
+            self._kill(self._proc)
+            self._proc = None
+            return False
 
     def close(self) -> None:
         with self._lock:
@@ -101,8 +102,11 @@ def verify_equal(answer: str, reference: str, timeout: float = 5.0) -> bool:
 def _serve() -> None:
     import logging
 
-    protocol = sys.stdout
-    sys.stdout = sys.stderr  # anything a library prints must not corrupt the protocol stream
+    # The protocol gets its own copy of fd 1; fd 1 itself then points at stderr, so nothing a library
+    # prints (from Python or C) can corrupt the stream.
+    protocol = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
     logging.getLogger("math_verify").setLevel(logging.ERROR)
     from math_verify import parse, verify
 
