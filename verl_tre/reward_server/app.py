@@ -39,11 +39,12 @@ class PredictRequest(BaseModel):
 
 @dataclass
 class Loaded:
-    """What a loader returns: the encoder, one scorer per device, and the devices' names."""
+    """What a loader returns: the encoder, one scorer per device, the devices' names and the weights' dtype."""
 
     encoder: PairEncoder
     scorers: list
     devices: list[str]
+    dtype: str
 
 
 def load_model(settings: ServerSettings) -> Loaded:
@@ -59,7 +60,8 @@ def load_model(settings: ServerSettings) -> Loaded:
         Replica.load(settings.model_path, d, resolve_dtype(settings.dtype, d), settings.attn_implementation)
         for d in devices
     ]
-    return Loaded(encoder, scorers, [str(d) for d in devices])
+    dtype = str(resolve_dtype(settings.dtype, devices[0])).removeprefix("torch.")
+    return Loaded(encoder, scorers, [str(d) for d in devices], dtype)
 
 
 @dataclass
@@ -157,7 +159,7 @@ def create_app(
             "model": str(settings.model_path),
             "devices": state.loaded.devices if state.loaded else [],
             "replicas": len(state.loaded.scorers) if state.loaded else 0,
-            "dtype": settings.dtype,
+            "dtype": state.loaded.dtype if state.loaded else settings.dtype,
             "limits": settings.limits(),
             "auth": settings.token is not None,
             "served": dict(state.served),

@@ -14,7 +14,9 @@ import os
 import sys
 import time
 
-from verl_tre.reward_server.client import DEFAULT_URL, RewardClient, RewardServerError
+import httpx
+
+from verl_tre.utils.reward_score.hh import DEFAULT_URL, RewardServerError, score_batch
 
 PAIRS = [
     ("What is the capital of France?", "The capital of France is Paris."),
@@ -32,18 +34,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--retries", type=int, default=3, help="retries per request while the server is down")
     args = p.parse_args(argv)
 
-    with RewardClient(args.url, token=os.environ.get("REWARD_SERVER_TOKEN"), retries=args.retries,
-                      timeout_s=60) as client:
-        try:
-            health = client.health()
-            print(f"health: model={health['model']} devices={health['devices']} limits={health['limits']}")
-            start = time.perf_counter()
-            batched = client.predict([p for p, _ in PAIRS], [r for _, r in PAIRS])
-            elapsed = time.perf_counter() - start
-            alone = [client.predict([p], [r])[0] for p, r in PAIRS]
-        except RewardServerError as exc:
-            print(f"FAILED: {exc}", file=sys.stderr)
+    token = os.environ.get("REWARD_SERVER_TOKEN")
+    health_url = args.url.rsplit("/", 1)[0] + "/health"
+    try:
+        health = httpx.get(health_url, timeout=30).json()
+        print(f"health: ready={health.get('ready')} model={health.get('model')} devices={health.get('devices')} "
+              f"limits={health.get('limits')}")
+        if not health.get("ready"):
+            print(f"FAILED: {health_url} says not ready: {health.get('error')}", file=sys.stderr)
             return 1
+        prompts, responses = [p for p, _ in PAIRS], [r for _, r in PAIRS]
+        start = time.perf_counter()
+        batched = score_batch(prompts, responses, url=args.url, token=token, max_retries=args.retries)
+        elapsed = time.perf_counter() - start
+        alone = score_batch(prompts, responses, url=args.url, token=token, max_retries=args.retries, batch_size=1)
+    except (httpx.HTTPError, ValueError, RewardServerError) as exc:
+        print(f"FAILED: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
 
     for (prompt, response), reward in zip(PAIRS, batched):
         print(f"{reward:+.4f}  {prompt[:40]!r} -> {response[:50]!r}")
