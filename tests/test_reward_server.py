@@ -185,6 +185,25 @@ def test_encoder_never_cuts_the_end_of_a_response(reference, template_parts, pro
         assert enc.prompt_tokens_dropped == len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
 
 
+def test_encoder_with_multibyte_text_and_a_template_that_rewrites_content(reference):
+    """Cuts inside multi-byte characters, and Qwen3's template moving a '</think>' block out of the response
+    (content no longer verbatim): the length holds, every cut is counted, and the end is the full text's end."""
+    tokenizer = reference.tokenizer
+    encoder = PairEncoder(tokenizer, 48)
+    cases = [("日本語のテキスト🙂" * 30, "短い答え🙂", False),
+             ("hi", "<think>a plan</think>" + " the final answer" * 40, True),
+             ("Context " * 40, "draft</think>done", None)]
+    for prompt, response, response_cut in cases:
+        [enc] = encoder.encode([prompt], [response])
+        full = tokenizer.apply_chat_template([{"role": "user", "content": prompt},
+                                              {"role": "assistant", "content": response}])
+        assert len(enc.ids) == 48
+        assert enc.prompt_tokens_dropped + enc.response_tokens_dropped == len(full) - 48
+        assert enc.ids[-6:] == full[-6:]
+        if response_cut is not None:
+            assert (enc.response_tokens_dropped > 0) == response_cut
+
+
 BAD_REQUESTS = [
     ("malformed JSON", dict(content=b'{"prompts": ["a"], "responses": '), 422, "Invalid JSON"),
     ("not UTF-8", dict(content=b'{"prompts": ["\xff\xfe"], "responses": ["b"]}'), 422, "malformed request"),
@@ -201,6 +220,7 @@ BAD_REQUESTS = [
     ("too many items", dict(json={"prompts": ["a"] * 9, "responses": ["b"] * 9}), 413, "max_items=8"),
     ("too many characters", dict(json={"prompts": ["a" * 3000], "responses": ["b" * 1001]}), 413, "max_chars=4000"),
     ("oversized body", dict(content=b" " * (12 * 4000 + (1 << 20) + 1)), 413, "max_body_bytes"),
+    ("oversized chunked body", dict(content=iter([b" " * 700_000] * 2)), 413, "max_body_bytes"),
     ("wrong token", dict(json={"prompts": ["a"], "responses": ["b"]}, token="nope"), 401, "bearer token"),
     ("missing token", dict(json={"prompts": ["a"], "responses": ["b"]}, token=None), 401, "bearer token"),
 ]

@@ -93,17 +93,16 @@ class PairEncoder:
 
     @staticmethod
     def _truncate(ids, offsets, prompt_span, response_span, excess) -> Encoded:
-        def token_range(span):
+        """Remove ``excess`` tokens: the prompt's first ones, then (whole prompt gone) the response's first."""
+        def token_range(span, absent):
             inside = [i for i, (s, e) in enumerate(offsets) if span[0] <= s < span[1] and e > s]
-            return (inside[0], inside[-1] + 1) if inside else (0, 0)
+            return (inside[0], inside[-1] + 1) if inside else (absent, absent)
 
-        p_lo, p_hi = token_range(prompt_span)
+        r_lo, r_hi = token_range(response_span, len(ids))
+        p_lo, p_hi = token_range(prompt_span, r_lo)
         drop_p = min(excess, p_hi - p_lo)
-        ids = ids[:p_lo] + ids[p_lo + drop_p:]
-        r_lo, r_hi = token_range(response_span)
-        r_lo, r_hi = r_lo - drop_p if r_lo >= p_hi else r_lo, r_hi - drop_p if r_hi > p_hi else r_hi
         drop_r = min(excess - drop_p, r_hi - r_lo)
-        ids = ids[:r_lo] + ids[r_lo + drop_r:]
+        ids = ids[:p_lo] + ids[p_lo + drop_p:r_lo] + ids[r_lo + drop_r:]
         left = excess - drop_p - drop_r
         if left > 0:
             # Content could not be placed (a template that rewrites it): keep the end, where the reward is read.

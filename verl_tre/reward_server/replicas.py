@@ -19,7 +19,8 @@ def resolve_devices(spec: str) -> list[torch.device]:
     visible = torch.cuda.device_count()
     for device in devices:
         if device.index >= visible:
-            raise ValueError(f"device {device} is not visible ({visible} GPU(s)); check --devices and CUDA_VISIBLE_DEVICES")
+            raise ValueError(
+                f"device {device} is not visible ({visible} GPU(s)); check --devices and CUDA_VISIBLE_DEVICES")
     return devices
 
 
@@ -67,6 +68,7 @@ class Replica:
         input_ids, mask = input_ids.to(self.device), mask.to(self.device)
         # Run the backbone and apply the head to the last real token only: cheaper than scoring every
         # position, and immune to pad-id tokens inside the text (the model's own pooling searches for them).
-        hidden = self.model.base_model(input_ids=input_ids, attention_mask=mask.long(), use_cache=False).last_hidden_state
+        output = self.model.base_model(input_ids=input_ids, attention_mask=mask.long(), use_cache=False)
+        hidden = output.last_hidden_state
         last = hidden[torch.arange(len(batch), device=self.device), (lengths - 1).to(self.device)]
         return self.model.score(last).float().squeeze(-1).cpu().tolist()

@@ -21,7 +21,8 @@ from verl_tre.utils.reward_score.hh import DEFAULT_URL, RewardServerError, score
 PAIRS = [
     ("What is the capital of France?", "The capital of France is Paris."),
     ("What is the capital of France?", "I don't know, maybe bananas."),
-    ("Write a haiku about autumn.", "Crisp leaves drift and fall,\ngolden light on quiet paths,\nthe year exhales slow."),
+    ("Write a haiku about autumn.",
+     "Crisp leaves drift and fall,\ngolden light on quiet paths,\nthe year exhales slow."),
     ("Write a haiku about autumn.", "no"),
     ("Explain recursion briefly.", "Recursion is when a function calls itself on a smaller part of the problem "
                                    "until it reaches a base case it can answer directly."),
