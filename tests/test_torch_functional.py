@@ -7,7 +7,14 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from verl_tre.utils.torch_functional import entropy_from_logits, entropy_terms, trust_region_stats
+from verl_tre.utils.torch_functional import (
+    _nucleus_by_radix,
+    _nucleus_by_sort,
+    _shifted_exp,
+    entropy_from_logits,
+    entropy_terms,
+    trust_region_stats,
+)
 
 
 def reference_region(z: torch.Tensor, top_k=None, top_p=None, max_size=None) -> list:
@@ -283,3 +290,35 @@ def test_works_under_torch_compile():
     (grad,) = torch.autograd.grad(value.sum(), logits)
     (expected,) = torch.autograd.grad(entropy_from_logits(logits, top_p=0.9).sum(), logits)
     torch.testing.assert_close(grad, expected)
+
+
+def _fp32_rows(kind: str) -> torch.Tensor:
+    gen = _gen(13)
+    if kind == "random":
+        return torch.randn(16, 5000, generator=gen) * 3
+    if kind == "flat":
+        return torch.randn(4, 50000, generator=gen) * 0.01
+    if kind == "ties":
+        return torch.randint(-6, 3, (16, 300), generator=gen).float() * 0.25
+    if kind == "minus_inf":
+        z = torch.randn(8, 400, generator=gen) * 2
+        z[:, 100:] = -math.inf
+        return z
+    if kind == "dominant":
+        z = torch.randn(8, 3000, generator=gen)
+        z[:, 3] = 80.0  # the rest underflow to 0 or denormal probabilities
+        return z
+    if kind == "wide_range":
+        return torch.randn(8, 20000, generator=gen) * 15  # probabilities spanning hundreds of binades
+    raise ValueError(kind)
+
+
+@pytest.mark.parametrize("kind", ["random", "flat", "ties", "minus_inf", "dominant", "wide_range"])
+@pytest.mark.parametrize("top_p", [0.1, 0.5, 0.9, 0.99, 0.999999])
+def test_radix_nucleus_equals_sorted_nucleus(kind, top_p):
+    _, _, e = _shifted_exp(_fp32_rows(kind))
+    target = top_p * e.sum(dim=-1, keepdim=True, dtype=torch.float64)
+    tau_radix, count_radix = _nucleus_by_radix(e, target)
+    tau_sort, count_sort = _nucleus_by_sort(e, target)
+    assert torch.equal(count_radix, count_sort)
+    assert torch.equal(tau_radix, tau_sort)

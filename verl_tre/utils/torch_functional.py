@@ -125,35 +125,75 @@ def _check_logits(logits: torch.Tensor) -> None:
         raise ValueError(f"logits must have shape [..., V] with V >= 1, got {tuple(logits.shape)}")
 
 
-def _region_weights(z: torch.Tensor, region: TrustRegion, row_max: torch.Tensor, log_sum_exp: torch.Tensor):
-    """Boundary of the trust region for a chunk of rows.
+def _shifted_exp(z: torch.Tensor):
+    """(row_max [c, 1], shifted [c, V], e [c, V]) with shifted = z - row_max, and e = exp(shifted) in [0, 1].
 
-    z: [c, V] fp32 logits; row_max, log_sum_exp: [c, 1], so that log-softmax(z) = z - row_max - log_sum_exp.
-    Returns (tau, tie_weight, size), each [c, 1]: the region is {z > tau} plus a fraction tie_weight of the tokens
-    with z == tau, holding ``size`` tokens in all. tau is always one of the row's own logits.
+    -inf logits are clamped to the dtype's lowest finite value in ``shifted`` so that e * shifted is 0 there, not
+    NaN; e is 0 for them either way.
     """
-    if region.mode == "top_k":
-        k = region.top_k
-        tau = torch.topk(z, k, dim=-1, sorted=False).values.amin(dim=-1, keepdim=True)
-        size = torch.full_like(tau, float(k))
-    else:
-        sorted_z = torch.sort(z, dim=-1, descending=True).values
-        probs = ((sorted_z - row_max) - log_sum_exp).exp()
-        # fp64 running sums: at V = 152k an fp32 cumsum drifts by ~1e-5, enough to move a nucleus boundary.
-        mass_before = torch.cumsum(probs, dim=-1, dtype=torch.float64) - probs
-        count = (mass_before < region.top_p).sum(dim=-1, keepdim=True)
-        if region.max_size is not None:
-            count = count.clamp(max=region.max_size)
-        tau = torch.gather(sorted_z, -1, count - 1)
-        size = count.to(z.dtype)
-    above = (z > tau).sum(dim=-1, keepdim=True).to(z.dtype)
-    tied = (z == tau).sum(dim=-1, keepdim=True).to(z.dtype)
-    return tau, (size - above) / tied, size
+    row_max = z.amax(dim=-1, keepdim=True)
+    shifted = (z - row_max).clamp_(min=torch.finfo(z.dtype).min)
+    return row_max, shifted, shifted.exp()
 
 
-def _weights(z: torch.Tensor, tau: torch.Tensor, tie_weight: torch.Tensor) -> torch.Tensor:
-    """[c, V] membership weights: 1 above tau, tie_weight at tau, 0 below."""
-    return (z > tau).to(z.dtype) + (z == tau).to(z.dtype) * tie_weight
+def _nucleus_by_sort(e: torch.Tensor, target: torch.Tensor):
+    """Nucleus boundary by a full sort (any dtype; used for fp64). e: [c, V] >= 0; target: [c, 1] fp64 mass.
+
+    Returns (tau [c, 1], count [c, 1] long): the count of tokens whose preceding mass is below target, and the
+    value of the last of them.
+    """
+    ordered = torch.sort(e, dim=-1, descending=True).values
+    before = torch.cumsum(ordered, dim=-1, dtype=torch.float64) - ordered
+    count = (before < target).sum(dim=-1, keepdim=True)
+    return torch.gather(ordered, -1, count - 1), count
+
+
+def _nucleus_by_radix(e: torch.Tensor, target: torch.Tensor):
+    """Nucleus boundary of fp32 rows by radix selection on the bits of e, without sorting (same result as
+    _nucleus_by_sort; about 3x faster on CPU, and no host synchronization).
+
+    Non-negative fp32 values order like their int32 bit patterns, and e <= 1 keeps those below 2**30. Three
+    passes of 10 bits each narrow the boundary value to one exact float: each pass sums the fp64 mass of the
+    candidates per bucket and keeps the bucket where the mass above it first falls below the target. Tied tokens
+    at the boundary are then counted until the target is reached.
+    """
+    bits = e.view(torch.int32)
+    mass = e.double()  # bucket sums of ~1e5 terms must resolve the boundary as finely as an fp64 cumsum
+    above = torch.zeros_like(target)
+    prefix = None
+    for shift in (20, 10, 0):
+        key = ((bits >> shift) & 1023).long()
+        weights = mass if prefix is None else mass * ((bits >> (shift + 10)) == prefix)
+        buckets = torch.zeros(e.shape[0], 1024, dtype=torch.float64, device=e.device).scatter_add_(1, key, weights)
+        above_bucket = buckets.flip(-1).cumsum(-1).flip(-1) - buckets + above
+        chosen = (above_bucket >= target).sum(dim=-1, keepdim=True)
+        above = torch.gather(above_bucket, -1, chosen)
+        prefix = chosen if prefix is None else (prefix << 10) | chosen
+    tau = prefix.to(torch.int32).view(torch.float32)
+    greater = (e > tau).sum(dim=-1, keepdim=True)
+    tied = (e == tau).sum(dim=-1, keepdim=True)
+    needed = torch.ceil((target - above) / tau.double().clamp(min=torch.finfo(torch.float32).tiny)).long()
+    return tau, greater + torch.minimum(needed.clamp(min=1), tied)
+
+
+def _nucleus(e: torch.Tensor, region: TrustRegion):
+    """(tau [c, 1], size [c, 1] long) of the TRE-P region in probability space (e = unnormalized probabilities)."""
+    target = region.top_p * e.sum(dim=-1, keepdim=True, dtype=torch.float64)
+    tau, count = (_nucleus_by_radix if e.dtype == torch.float32 else _nucleus_by_sort)(e, target)
+    if region.max_size is not None:
+        cap = min(region.max_size, e.shape[-1])
+        capped_tau = torch.topk(e, cap, dim=-1, sorted=False).values.amin(dim=-1, keepdim=True)
+        tau = torch.where(count > cap, capped_tau, tau)
+        count = count.clamp(max=cap)
+    return tau, count
+
+
+def _weights(key: torch.Tensor, tau: torch.Tensor, size: torch.Tensor) -> torch.Tensor:
+    """[c, V] membership of the region {key > tau} plus the share of tokens tied at tau that completes ``size``."""
+    above = key > tau
+    at = key == tau
+    tied_inside = (size - above.sum(dim=-1, keepdim=True)).to(key.dtype)
+    return above + at * (tied_inside / at.sum(dim=-1, keepdim=True).to(key.dtype))
 
 
 def _scale(region: TrustRegion, vocab_size: int, size: torch.Tensor) -> torch.Tensor:
@@ -168,58 +208,68 @@ def _is_min_entropy(region: TrustRegion) -> bool:
     return region.mode == "top_k" and region.top_k == 1
 
 
-def _chunk_forward(z: torch.Tensor, region: TrustRegion, stats_top_k: int, with_stats: bool):
-    """One chunk of rows, fp32 [c, V] -> per-row values and what backward needs ([c] or [c, 1] tensors)."""
-    vocab = z.shape[-1]
-    row_max = z.amax(dim=-1, keepdim=True)
-    shifted = z - row_max
-    exp_shifted = shifted.exp()
-    sum_exp = exp_shifted.sum(dim=-1, keepdim=True)
-    log_sum_exp = sum_exp.log()
-    # 0 instead of -inf where a token has no probability, so that 0 * -inf never appears.
-    centred = torch.where(exp_shifted > 0, shifted, torch.zeros_like(shifted))
-    entropy_full = log_sum_exp - (exp_shifted * centred).sum(dim=-1, keepdim=True) / sum_exp
+def _entropy(weights_exp: torch.Tensor, shifted: torch.Tensor):
+    """(entropy [c, 1], weight sum [c, 1]) of the renormalized distribution proportional to weights_exp."""
+    total = weights_exp.sum(dim=-1, keepdim=True)
+    return total.log() - torch.linalg.vecdot(weights_exp, shifted).unsqueeze(-1) / total, total
 
+
+def _chunk_forward(z: torch.Tensor, region: TrustRegion, stats_top_k: int, with_stats: bool):
+    """One chunk of rows [c, V] (fp32 or fp64) -> per-row outputs [c] and what backward needs.
+
+    The region boundary is kept as (tau, size): TRE-K compares logits with tau, TRE-P compares probabilities
+    (they can tie where logits do not), full entropy takes every token.
+    """
+    vocab = z.shape[-1]
+    row_max, shifted, e = _shifted_exp(z)
+    entropy_full, sum_exp = _entropy(e, shifted)
     if region.mode == "full":
         tau = torch.full_like(row_max, -math.inf)
-        tie_weight = torch.ones_like(row_max)
         size = torch.full_like(row_max, float(vocab))
         value, region_mass = entropy_full, torch.ones_like(row_max)
-    else:
-        tau, tie_weight, size = _region_weights(z, region, row_max, log_sum_exp)
-        region_exp = exp_shifted * _weights(z, tau, tie_weight)
-        region_sum = region_exp.sum(dim=-1, keepdim=True)
-        region_entropy = region_sum.log() - (region_exp * centred).sum(dim=-1, keepdim=True) / region_sum
+    elif region.mode == "top_k":
+        # The K largest logits alone give the region's sums; ties at the boundary do not change them.
+        top = torch.topk(z, region.top_k, dim=-1, sorted=False).values
+        tau = top.amin(dim=-1, keepdim=True)
+        size = torch.full_like(tau, float(region.top_k))
+        top_shifted = (top - row_max).clamp_(min=torch.finfo(z.dtype).min)
+        region_entropy, region_sum = _entropy(top_shifted.exp(), top_shifted)
         region_mass = region_sum / sum_exp
         # K = 1: logsumexp(z) - max(z), the reference's min-entropy.
-        value = log_sum_exp if _is_min_entropy(region) else region_entropy * _scale(region, vocab, size)
-    scale = _scale(region, vocab, size)  # recomputed from size: cheaper than keeping it in both branches
+        value = sum_exp.log() if _is_min_entropy(region) else region_entropy * _scale(region, vocab, size)
+    else:
+        tau, count = _nucleus(e, region)
+        size = count.to(z.dtype)
+        region_entropy, region_sum = _entropy(e * _weights(e, tau, count), shifted)
+        region_mass = region_sum / sum_exp
+        value = region_entropy * _scale(region, vocab, size)
 
     if with_stats:
-        k = min(stats_top_k, vocab)
-        top = torch.topk(shifted, k, dim=-1, sorted=False).values
-        topk_prob = (top - log_sum_exp).exp().sum(dim=-1, keepdim=True)
+        top = torch.topk(e, min(stats_top_k, vocab), dim=-1, sorted=False).values
+        topk_prob = top.sum(dim=-1, keepdim=True) / sum_exp
     else:
         topk_prob = torch.zeros_like(row_max)
     rows = (value, entropy_full, region_mass, size, topk_prob)
-    return tuple(t.squeeze(-1) for t in rows), (tau.squeeze(-1), tie_weight.squeeze(-1), scale.squeeze(-1))
+    return tuple(t.squeeze(-1) for t in rows), (tau.squeeze(-1), size.squeeze(-1))
 
 
-def _chunk_backward(z: torch.Tensor, region: TrustRegion, tau, tie_weight, scale, grad_value) -> torch.Tensor:
-    """d value / d z for one chunk, fp32 [c, V], times the incoming per-row gradient [c]."""
-    shifted = z - z.amax(dim=-1, keepdim=True)
-    exp_shifted = shifted.exp()
+def _chunk_backward(z: torch.Tensor, region: TrustRegion, tau, size, grad_value) -> torch.Tensor:
+    """d value / d z for one chunk [c, V], times the incoming per-row gradient [c]."""
+    _, shifted, e = _shifted_exp(z)
     g = grad_value.unsqueeze(-1)
     if _is_min_entropy(region):
         # d/dz [logsumexp(z) - max(z)] = softmax(z) - (share of the maximum, split evenly among tied maxima)
         at_max = (shifted == 0).to(z.dtype)
-        return g * (exp_shifted / exp_shifted.sum(-1, keepdim=True) - at_max / at_max.sum(-1, keepdim=True))
-    weights = exp_shifted if region.mode == "full" else exp_shifted * _weights(z, tau.unsqueeze(-1), tie_weight.unsqueeze(-1))
+        return g * (e / e.sum(-1, keepdim=True) - at_max / at_max.sum(-1, keepdim=True))
+    tau, size = tau.unsqueeze(-1), size.unsqueeze(-1)
+    if region.mode == "full":
+        weights = e
+    else:
+        weights = e * _weights(z if region.mode == "top_k" else e, tau, size)
     pi = weights / weights.sum(dim=-1, keepdim=True)
-    centred = torch.where(pi > 0, shifted, torch.zeros_like(shifted))
-    mean = (pi * centred).sum(dim=-1, keepdim=True)
+    mean = torch.linalg.vecdot(pi, shifted).unsqueeze(-1)
     # dH_T/dz_a = -pi_T(a) (z_a - E_{pi_T}[z]) inside T, 0 outside.
-    return -(g * scale.unsqueeze(-1)) * pi * (centred - mean)
+    return -(g * _scale(region, z.shape[-1], size)) * pi * (shifted - mean)
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -242,7 +292,7 @@ class _EntropyTermsFn(torch.autograd.Function):
     def forward(ctx, logits2d, region, stats_top_k, with_stats, chunk):
         work = _compute_dtype(logits2d.dtype)
         outs = [[] for _ in range(5)]
-        saved = [[] for _ in range(3)]
+        saved = [[] for _ in range(2)]
         for start in range(0, logits2d.shape[0], chunk):
             rows, keep = _chunk_forward(logits2d[start : start + chunk].to(work), region, stats_top_k, with_stats)
             for lst, t in zip(outs, rows):
@@ -258,13 +308,13 @@ class _EntropyTermsFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_value, *unused):
-        logits2d, tau, tie_weight, scale = ctx.saved_tensors
+        logits2d, tau, size = ctx.saved_tensors
         grad = torch.empty_like(logits2d)
         chunk = ctx.chunk
         for start in range(0, logits2d.shape[0], chunk):
             sl = slice(start, start + chunk)
             z = logits2d[sl].to(tau.dtype)
-            g = _chunk_backward(z, ctx.region, tau[sl], tie_weight[sl], scale[sl], grad_value[sl].to(tau.dtype))
+            g = _chunk_backward(z, ctx.region, tau[sl], size[sl], grad_value[sl].to(tau.dtype))
             grad[sl] = g.to(grad.dtype)
         return grad, None, None, None, None
 
