@@ -218,3 +218,22 @@ def test_invalid_options_fail_when_the_actor_is_built(override, message):
     cfg = OmegaConf.merge(actor_config("ppo", False), OmegaConf.create(override))
     with pytest.raises(ValueError, match=message):
         TREDataParallelPPOActor(cfg, tiny_policy(), None)
+
+
+@pytest.mark.parametrize("remove_padding", [False, True], ids=["padded", "rmpad"])
+def test_dynamic_batch_size_update(remove_padding):
+    cfg = OmegaConf.merge(
+        actor_config("tre_p", remove_padding),
+        OmegaConf.create({"use_dynamic_bsz": True, "ppo_max_token_len_per_gpu": 2 * (PROMPT + RESPONSE)}),
+    )
+    model = tiny_policy()
+    actor = TREDataParallelPPOActor(cfg, model, torch.optim.SGD(model.parameters(), lr=0.5))
+    data = make_batch()
+    data.meta_info.update(use_dynamic_bsz=True, max_token_len=2 * (PROMPT + RESPONSE))
+    log_probs, _ = actor.compute_log_prob(data)
+    data.batch["old_log_probs"] = log_probs.float()
+    before = [p.detach().clone() for p in model.parameters()]
+    metrics = actor.update_policy(data)
+    assert len(metrics["actor/policy_loss"]) >= 2  # the token budget split the mini-batch
+    assert all(math.isfinite(v) for v in metrics["actor/policy_loss"] + metrics["actor/tre_value"])
+    assert any(not torch.equal(b, p) for b, p in zip(before, model.parameters()))
