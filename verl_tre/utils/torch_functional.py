@@ -188,12 +188,12 @@ def _nucleus(e: torch.Tensor, region: TrustRegion):
     return tau, count
 
 
-def _weights(key: torch.Tensor, tau: torch.Tensor, size: torch.Tensor) -> torch.Tensor:
-    """[c, V] membership of the region {key > tau} plus the share of tokens tied at tau that completes ``size``."""
+def _region_exp(e: torch.Tensor, key: torch.Tensor, tau: torch.Tensor, size: torch.Tensor) -> torch.Tensor:
+    """e restricted to the region {key > tau}, plus the share of the tokens tied at tau that completes ``size``."""
     above = key > tau
     at = key == tau
-    tied_inside = (size - above.sum(dim=-1, keepdim=True)).to(key.dtype)
-    return above + at * (tied_inside / at.sum(dim=-1, keepdim=True).to(key.dtype))
+    share = (size - above.sum(dim=-1, keepdim=True)).to(e.dtype) / at.sum(dim=-1, keepdim=True).to(e.dtype)
+    return torch.where(above, e, torch.where(at, e * share, 0.0))
 
 
 def _scale(region: TrustRegion, vocab_size: int, size: torch.Tensor) -> torch.Tensor:
@@ -240,7 +240,7 @@ def _chunk_forward(z: torch.Tensor, region: TrustRegion, stats_top_k: int, with_
     else:
         tau, count = _nucleus(e, region)
         size = count.to(z.dtype)
-        region_entropy, region_sum = _entropy(e * _weights(e, tau, count), shifted)
+        region_entropy, region_sum = _entropy(_region_exp(e, e, tau, count), shifted)
         region_mass = region_sum / sum_exp
         value = region_entropy * _scale(region, vocab, size)
 
@@ -253,23 +253,40 @@ def _chunk_forward(z: torch.Tensor, region: TrustRegion, stats_top_k: int, with_
     return tuple(t.squeeze(-1) for t in rows), (tau.squeeze(-1), size.squeeze(-1))
 
 
+def _top_k_backward(z: torch.Tensor, region: TrustRegion, g: torch.Tensor) -> torch.Tensor:
+    """Gradient of TRE-K (K >= 2) for one chunk, from the K largest logits: only they (and ties) get gradient."""
+    top, index = torch.topk(z, region.top_k, dim=-1, sorted=False)
+    tau = top.amin(dim=-1, keepdim=True)
+    top_shifted = (top - top.amax(dim=-1, keepdim=True)).clamp_(min=torch.finfo(z.dtype).min)
+    pi = top_shifted.exp()
+    pi = pi / pi.sum(dim=-1, keepdim=True)
+    mean = (pi * top_shifted).sum(dim=-1, keepdim=True)
+    size = torch.full_like(tau, float(region.top_k))
+    grad_top = -(g * _scale(region, z.shape[-1], size)) * pi * (top_shifted - mean)
+    # All tokens tied at tau share evenly what the picked ones among them would get.
+    picked_at = top == tau
+    at = z == tau
+    share = (grad_top * picked_at).sum(dim=-1, keepdim=True) / at.sum(dim=-1, keepdim=True).to(z.dtype)
+    grad = torch.where(at, share, 0.0)
+    return grad.scatter_(-1, index, torch.where(picked_at, share, grad_top))
+
+
 def _chunk_backward(z: torch.Tensor, region: TrustRegion, tau, size, grad_value) -> torch.Tensor:
     """d value / d z for one chunk [c, V], times the incoming per-row gradient [c]."""
-    _, shifted, e = _shifted_exp(z)
     g = grad_value.unsqueeze(-1)
+    if region.mode == "top_k" and region.top_k > 1:
+        return _top_k_backward(z, region, g)
+    _, shifted, e = _shifted_exp(z)
     if _is_min_entropy(region):
         # d/dz [logsumexp(z) - max(z)] = softmax(z) - (share of the maximum, split evenly among tied maxima)
         at_max = (shifted == 0).to(z.dtype)
         return g * (e / e.sum(-1, keepdim=True) - at_max / at_max.sum(-1, keepdim=True))
     tau, size = tau.unsqueeze(-1), size.unsqueeze(-1)
-    if region.mode == "full":
-        weights = e
-    else:
-        weights = e * _weights(z if region.mode == "top_k" else e, tau, size)
-    pi = weights / weights.sum(dim=-1, keepdim=True)
-    mean = torch.linalg.vecdot(pi, shifted).unsqueeze(-1)
-    # dH_T/dz_a = -pi_T(a) (z_a - E_{pi_T}[z]) inside T, 0 outside.
-    return -(g * _scale(region, z.shape[-1], size)) * pi * (shifted - mean)
+    weights = e if region.mode == "full" else _region_exp(e, e, tau, size)
+    total = weights.sum(dim=-1, keepdim=True)
+    mean = torch.linalg.vecdot(weights, shifted).unsqueeze(-1) / total
+    # dH_T/dz_a = -pi_T(a) (z_a - E_{pi_T}[z]) inside T, 0 outside; built in place in ``shifted``.
+    return shifted.sub_(mean).mul_(weights).mul_(-(g * _scale(region, z.shape[-1], size)) / total)
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
