@@ -150,26 +150,29 @@ def _nucleus_by_sort(e: torch.Tensor, target: torch.Tensor):
 
 def _nucleus_by_radix(e: torch.Tensor, target: torch.Tensor):
     """Nucleus boundary of fp32 rows by radix selection on the bits of e, without sorting (same result as
-    _nucleus_by_sort; about 3x faster on CPU, and no host synchronization).
+    _nucleus_by_sort; several times faster on CPU, and no host synchronization).
 
-    Non-negative fp32 values order like their int32 bit patterns, and e <= 1 keeps those below 2**30. Three
-    passes of 10 bits each narrow the boundary value to one exact float: each pass sums the fp64 mass of the
-    candidates per bucket and keeps the bucket where the mass above it first falls below the target. Tied tokens
-    at the boundary are then counted until the target is reached.
+    Non-negative fp32 values order like their int32 bit patterns, and e <= 1 keeps those below 2**30. Two passes
+    of 15 bits each narrow the boundary to one exact float: each pass sums the fp64 mass of the candidates per
+    bucket and keeps the bucket where the mass above it first falls below the target. Tokens tied at the
+    boundary are then counted until the target is reached.
     """
     bits = e.view(torch.int32)
     mass = e.double()  # bucket sums of ~1e5 terms must resolve the boundary as finely as an fp64 cumsum
     above = torch.zeros_like(target)
-    prefix = None
-    for shift in (20, 10, 0):
-        key = ((bits >> shift) & 1023).long()
-        weights = mass if prefix is None else mass * ((bits >> (shift + 10)) == prefix)
-        buckets = torch.zeros(e.shape[0], 1024, dtype=torch.float64, device=e.device).scatter_add_(1, key, weights)
-        above_bucket = buckets.flip(-1).cumsum(-1).flip(-1) - buckets + above
+    high = bits >> 15
+    tau_bits = None
+    for key in (high, bits & 0x7FFF):  # high 15 bits over all tokens, then low 15 bits inside the chosen bucket
+        weights = mass if tau_bits is None else torch.where(high == tau_bits, mass, 0.0)
+        buckets = torch.zeros(e.shape[0], 1 << 15, dtype=torch.float64, device=e.device)
+        buckets.scatter_add_(1, key.long(), weights)
+        # mass of the candidates above each bucket: all of them minus the running sum up to and including it
+        running = buckets.cumsum_(-1)
+        above_bucket = (running[:, -1:] + above) - running
         chosen = (above_bucket >= target).sum(dim=-1, keepdim=True)
         above = torch.gather(above_bucket, -1, chosen)
-        prefix = chosen if prefix is None else (prefix << 10) | chosen
-    tau = prefix.to(torch.int32).view(torch.float32)
+        tau_bits = chosen.to(torch.int32) if tau_bits is None else (tau_bits << 15) | chosen.to(torch.int32)
+    tau = tau_bits.view(torch.float32)
     greater = (e > tau).sum(dim=-1, keepdim=True)
     tied = (e == tau).sum(dim=-1, keepdim=True)
     needed = torch.ceil((target - above) / tau.double().clamp(min=torch.finfo(torch.float32).tiny)).long()
