@@ -163,7 +163,7 @@ def _check_actor(c: _Checker, world: int, seq_len: int) -> None:
     from verl_tre.workers.actor.options import TREOptions
 
     try:
-        TREOptions.from_actor_config(c.get(a))
+        TREOptions.from_actor_config(c.get(a), use_fused_kernels=c.get("actor_rollout_ref.model.use_fused_kernels"))
     except ValueError as err:
         c.problems.append(f"{a}: {err}")
 

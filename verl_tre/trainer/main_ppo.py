@@ -32,11 +32,10 @@ _FORWARDED_PREFIXES = ("VERL_TRE_", "REWARD_SERVER_", "HF_", "TRANSFORMERS_", "W
 
 def install_extensions() -> None:
     """Our actor, policy losses and run records, in the current process."""
+    from verl_tre import plugin
     from verl_tre.utils import run_record
 
-    if os.environ.get("VERL_TRE_DEVSKIP") != "1":  # DEV-ONLY until the plugin lands
-        from verl_tre import plugin
-        plugin.install()
+    plugin.install()
     run_record.install()
 
 
@@ -66,6 +65,14 @@ def setup_worker_process() -> None:
     install_extensions()
 
 
+def compose_config(overrides: list[str]) -> DictConfig:
+    """The config ``python -m verl_tre.trainer.main_ppo <overrides>`` would run, composed in-process."""
+    from hydra import compose, initialize_config_module
+
+    with initialize_config_module("verl_tre.trainer.config", version_base=None):
+        return compose("ppo_trainer", overrides=list(overrides))
+
+
 def prepare(config: DictConfig, launching: bool) -> list[str]:
     """Apply CPU mode, resolve and validate ``config`` in place; returns the CPU-mode notes."""
     notes = cpu_mode.adjust_config(config)
@@ -79,18 +86,21 @@ def _job_env(config: DictConfig) -> dict[str, str]:
     env = dict(_JOB_ENV)
     env.update({k: v for k, v in os.environ.items() if k.startswith(_FORWARDED_PREFIXES)})
     if cpu_mode.is_cpu_mode(config):
-        env.update(cpu_mode.worker_env(config))
+        env[cpu_mode.ENV_FLAG] = "1"
     return env
 
 
+_SETUP_HOOK = "verl_tre.trainer.main_ppo.setup_worker_process"
+
+
 def init_ray(config: DictConfig) -> bool:
-    """Start or join Ray with our setup hook; returns True when this call started (and so owns) Ray."""
+    """Start Ray, or join the cluster named by RAY_ADDRESS, with our worker setup hook.
+
+    Returns True when this call started the local cluster (the caller then shuts it down).
+    """
     import ray
 
-    if ray.is_initialized():
-        raise RuntimeError("Ray is already initialized in this process without verl_tre's worker setup hook; "
-                           "call ray.shutdown() first or launch through verl_tre.trainer.main_ppo.")
-    runtime_env = {"env_vars": _job_env(config), "worker_process_setup_hook": "verl_tre.trainer.main_ppo.setup_worker_process"}
+    runtime_env = {"env_vars": _job_env(config), "worker_process_setup_hook": _SETUP_HOOK}
     address = os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, runtime_env=runtime_env)
@@ -102,8 +112,23 @@ def init_ray(config: DictConfig) -> bool:
     return True
 
 
+def _require_setup_hook() -> None:
+    import ray
+
+    hook = (ray.get_runtime_context().runtime_env or {}).get("worker_process_setup_hook")
+    if hook != _SETUP_HOOK:
+        raise RuntimeError(
+            "Ray is already initialized in this process without verl_tre's worker setup hook, so workers would "
+            "build verl's plain actor. Fix: ray.shutdown() first, or start Ray with "
+            "verl_tre.trainer.main_ppo.init_ray(config)."
+        )
+
+
 def run(config: DictConfig) -> None:
-    """Validate ``config`` and run verl's trainer (or print the config when verl_tre.dry_run=true)."""
+    """Validate ``config`` and run verl's trainer (or print the config when verl_tre.dry_run=true).
+
+    Starts Ray unless this process already did through ``init_ray`` (several runs can share one start-up).
+    """
     dry_run = bool(OmegaConf.select(config, "verl_tre.dry_run"))
     notes = prepare(config, launching=not dry_run)
     for note in notes:
@@ -116,7 +141,11 @@ def run(config: DictConfig) -> None:
     import ray
     from verl.trainer.main_ppo import run_ppo
 
-    owns_ray = init_ray(config)
+    owns_ray = False
+    if ray.is_initialized():
+        _require_setup_hook()
+    else:
+        owns_ray = init_ray(config)
     try:
         run_ppo(config)
     finally:

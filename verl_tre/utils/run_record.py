@@ -102,7 +102,8 @@ def _recording_tracking(base):
 
         def __init__(self, project_name, experiment_name, default_backend="console", config=None):
             super().__init__(project_name, experiment_name, default_backend=default_backend, config=config)
-            if config is not None and (config.get("verl_tre") or {}).get("run_record", True):
+            ours = (config or {}).get("verl_tre")  # only configs composed by verl_tre's entry point
+            if ours is not None and ours.get("run_record", True):
                 self.logger["run_record"] = RunRecorder(config["trainer"]["default_local_dir"], run_summary(config))
 
     return RecordingTracking

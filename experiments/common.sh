@@ -1,0 +1,77 @@
+# Shared launcher of the paper's 30 experiment scripts (experiments/<task>/<size>_ppo*.sh); source it, then
+# call `launch [extra hydra overrides]`. The paper's settings live in verl_tre/trainer/config/ (ppo_trainer.yaml
+# and the task/, model/ and method/ presets); a script only picks its task, size and method and sets its
+# coefficients. The caller sets before sourcing: TASK (math|countdown|hh), SIZE (1.5b|7b), METHOD
+# (ppo|forking_tokens|kl_cov|tre_k|tre_p) and ENTROPY_COEFF.
+#
+# Environment (defaults are the paper's):
+#   MODEL_PATH   actor model (default Qwen/Qwen2.5-1.5B-Instruct or Qwen/Qwen2.5-7B-Instruct)
+#   CRITIC_PATH  critic model (default MODEL_PATH: the paper's critic starts from the same model)
+#   DATA_DIR     directory with train.parquet and test.parquet (default ~/data/<task>)
+#   NNODES, N_GPUS_PER_NODE (default 1 and 8), PYTHON (default python3)
+#   REWARD_SERVER_URL (HH only; default http://127.0.0.1:8888/predict), REWARD_SERVER_TOKEN
+# Offline check: append verl_tre.dry_run=true to print the composed, validated config without starting anything.
+set -euo pipefail
+
+case "$SIZE" in
+  1.5b) default_model=Qwen/Qwen2.5-1.5B-Instruct ;;
+  7b) default_model=Qwen/Qwen2.5-7B-Instruct ;;
+  *) echo "error: SIZE must be 1.5b or 7b, got '$SIZE'" >&2; exit 2 ;;
+esac
+MODEL_PATH="${MODEL_PATH:-$default_model}"
+CRITIC_PATH="${CRITIC_PATH:-$MODEL_PATH}"
+DATA_DIR="${DATA_DIR:-$HOME/data/$TASK}"
+PYTHON="${PYTHON:-python3}"
+
+# Exits with instructions unless the HH reward server answers GET <base of REWARD_SERVER_URL>/health.
+check_reward_server() {
+  local url="${REWARD_SERVER_URL:-http://127.0.0.1:8888/predict}"
+  local health="${url%/*}/health"
+  if ! "$PYTHON" - "$health" <<'PY'
+import os, sys, urllib.request
+request = urllib.request.Request(sys.argv[1])
+if os.environ.get("REWARD_SERVER_TOKEN"):
+    request.add_header("Authorization", "Bearer " + os.environ["REWARD_SERVER_TOKEN"])
+try:
+    with urllib.request.urlopen(request, timeout=10) as response:
+        sys.exit(0 if response.status == 200 else 1)
+except Exception as error:
+    print(f"reward server check failed: {error}", file=sys.stderr)
+    sys.exit(1)
+PY
+  then
+    echo "error: the HH reward server does not answer at $health." >&2
+    echo "  Start it first (HH_REWARD_MODEL_PATH = your trained reward model):" >&2
+    echo "    HH_REWARD_MODEL_PATH=/path/to/rm bash experiments/hh/reward/run_with_server.sh" >&2
+    echo "  or set REWARD_SERVER_URL to a running server's /predict URL." >&2
+    exit 1
+  fi
+}
+
+launch() {
+  local dry_run=false arg
+  for arg in "$@"; do
+    case "$arg" in verl_tre.dry_run=true|verl_tre.dry_run=True) dry_run=true ;; esac
+  done
+  local args=(
+    "task=$TASK" "model=$SIZE" "method=$METHOD"
+    "actor_rollout_ref.model.path=$MODEL_PATH"
+    "critic.model.path=$CRITIC_PATH"
+    "data.train_files=$DATA_DIR/train.parquet"
+    "data.val_files=$DATA_DIR/test.parquet"
+    "actor_rollout_ref.actor.entropy_coeff=$ENTROPY_COEFF"
+    "trainer.experiment_name=${TASK}_${SIZE}_${METHOD}_ec${ENTROPY_COEFF}"
+    "trainer.nnodes=${NNODES:-1}"
+    "trainer.n_gpus_per_node=${N_GPUS_PER_NODE:-8}"
+    "$@"
+  )
+  if [ "$TASK" = hh ] && [ "$dry_run" = false ]; then
+    check_reward_server
+  fi
+  # For tests: print the command's arguments (NUL-separated) instead of running it.
+  if [ -n "${VERL_TRE_PRINT_ARGS:-}" ]; then
+    printf '%s\0' "${args[@]}"
+    return
+  fi
+  exec "$PYTHON" -m verl_tre.trainer.main_ppo "${args[@]}"
+}

@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Countdown, Qwen2.5-1.5B-Instruct: TRE-P (ours): entropy over the nucleus of mass P.
+# Extra arguments are Hydra overrides; see experiments/common.sh for MODEL_PATH, CRITIC_PATH, DATA_DIR.
+ENTROPY_COEFF=0.001
+P=0.99
+TASK=countdown SIZE=1.5b METHOD=tre_p
+source "$(dirname "$0")/../common.sh"
+launch actor_rollout_ref.actor.trust_region.top_p="$P" "$@"

@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# Countdown, Qwen2.5-7B-Instruct: KL-Cov baseline (the reference variant: ratio 0.002, coefficient 1).
+# Extra arguments are Hydra overrides; see experiments/common.sh for MODEL_PATH, CRITIC_PATH, DATA_DIR.
+ENTROPY_COEFF=0.0
+TASK=countdown SIZE=7b METHOD=kl_cov
+source "$(dirname "$0")/../common.sh"
+launch "$@"

@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# HH, Qwen2.5-7B-Instruct: TRE-P (ours): entropy over the nucleus of mass P.
+# Extra arguments are Hydra overrides; see experiments/common.sh for MODEL_PATH, CRITIC_PATH, DATA_DIR.
+ENTROPY_COEFF=0.001
+P=0.99
+TASK=hh SIZE=7b METHOD=tre_p
+source "$(dirname "$0")/../common.sh"
+launch actor_rollout_ref.actor.trust_region.top_p="$P" "$@"

@@ -1,0 +1,91 @@
+"""Shared pieces of the trainer tests: tiny offline assets, CPU-mode overrides, and a Ray session that never
+outlives its tests (import the fixtures into a test module with ``from trainer_fixtures import ...``)."""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+# Ray's logical "GPUs" in CPU mode: the largest world size a test uses.
+MAX_WORKERS = 2
+
+
+def build_tiny_assets(root: Path) -> dict[str, Path]:
+    """Generated Countdown parquet (3 numbers) and a tiny random Qwen2 policy with a compact BPE tokenizer."""
+    from verl_tre.data.countdown_task import write_countdown_splits
+    from verl_tre.utils import local_assets
+
+    data = root / "data"
+    paths = write_countdown_splits(data, num_train=32, num_test=8, seed=1, progress=False, num_numbers=(3,),
+                                   max_number=20)
+    import pandas as pd
+
+    texts = [r["prompt"][0]["content"] for r in pd.read_parquet(paths["train"]).to_dict("records")]
+    texts += ["user\n", "assistant\n", "<think> </think> <answer> (1 + 2) * 3 </answer>"] * 8
+    tokenizer = local_assets.train_bpe_tokenizer(texts, root / "tokenizer", vocab_size=320, compact=True)
+    model = local_assets.tiny_qwen2(root / "model", tokenizer, hidden_size=32, num_layers=2, num_heads=4,
+                                    num_kv_heads=2, intermediate_size=64)
+    return {"train": paths["train"], "test": paths["test"], "model": model}
+
+
+@pytest.fixture(scope="session")
+def tiny_assets(tmp_path_factory) -> dict[str, Path]:
+    return build_tiny_assets(tmp_path_factory.mktemp("tiny_assets"))
+
+
+def cpu_overrides(assets: dict[str, Path], run_dir: Path, *, workers: int = 1, steps: int = 2) -> list[str]:
+    """A two-step CPU run: 4 prompts x 2 rollouts (GRPO needs a group), micro-batches that divide evenly."""
+    return [
+        "trainer.device=cpu", f"trainer.n_gpus_per_node={workers}", "trainer.logger=[console]",
+        f"actor_rollout_ref.model.path={assets['model']}", f"critic.model.path={assets['model']}",
+        f"data.train_files={assets['train']}", f"data.val_files={assets['test']}",
+        "data.train_batch_size=4", "data.max_prompt_length=48", "data.max_response_length=8",
+        "actor_rollout_ref.rollout.n=2", "actor_rollout_ref.actor.ppo_mini_batch_size=4",
+        "actor_rollout_ref.actor.use_dynamic_bsz=false", "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=2",
+        "actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu=8",
+        "actor_rollout_ref.ref.log_prob_micro_batch_size_per_gpu=8", "critic.ppo_micro_batch_size_per_gpu=2",
+        "actor_rollout_ref.actor.optim.lr=1e-3", "critic.optim.lr=1e-3",
+        "trainer.total_epochs=1", f"trainer.total_training_steps={steps}", "trainer.save_freq=-1",
+        "trainer.test_freq=-1", "trainer.val_before_train=false", f"trainer.default_local_dir={run_dir}",
+    ]
+
+
+def _ray_daemon_pids() -> list[int]:
+    """PIDs of the local cluster's raylet and GCS server (the processes that can outlive a killed driver)."""
+    import ray._private.worker as ray_worker
+
+    node = ray_worker._global_node
+    if node is None:
+        return []
+    pids = []
+    for kind, infos in node.all_processes.items():
+        if kind in ("raylet", "gcs_server"):
+            pids += [info.process.pid for info in infos if info.process is not None]
+    return pids
+
+
+@pytest.fixture(scope="module")
+def ray_session(tiny_assets, tmp_path_factory):
+    """One Ray start-up (CPU mode, our setup hook) shared by a module's trainer runs; always torn down."""
+    import ray
+
+    from verl_tre.trainer import main_ppo
+
+    if ray.is_initialized():
+        pytest.fail("Ray is already initialized in the test process; a previous test leaked it")
+    config = main_ppo.compose_config(cpu_overrides(tiny_assets, tmp_path_factory.mktemp("ray"), workers=MAX_WORKERS))
+    main_ppo.init_ray(config)
+    pids = _ray_daemon_pids()
+    try:
+        yield
+    finally:
+        ray.shutdown()
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
