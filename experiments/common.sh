@@ -65,13 +65,13 @@ launch() {
     "trainer.n_gpus_per_node=${N_GPUS_PER_NODE:-8}"
     "$@"
   )
-  if [ "$TASK" = hh ] && [ "$dry_run" = false ]; then
-    check_reward_server
-  fi
   # For tests: print the command's arguments (NUL-separated) instead of running it.
   if [ -n "${VERL_TRE_PRINT_ARGS:-}" ]; then
     printf '%s\0' "${args[@]}"
     return
+  fi
+  if [ "$TASK" = hh ] && [ "$dry_run" = false ]; then
+    check_reward_server
   fi
   exec "$PYTHON" -m verl_tre.trainer.main_ppo "${args[@]}"
 }

@@ -1,0 +1,135 @@
+"""CPU mode: config adjustments only with trainer.device=cpu, refusal on other verl versions, Ray resources, and
+the worker patches (checked in a fresh interpreter: they change process-wide state)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+from omegaconf import OmegaConf
+
+from trainer_fixtures import REPO
+from verl_tre.trainer import main_ppo
+from verl_tre.utils import cpu_mode
+
+
+def test_adjustments_apply_only_in_cpu_mode():
+    gpu = main_ppo.compose_config(["method=tre_k"])
+    before = OmegaConf.to_container(gpu)
+    assert cpu_mode.adjust_config(gpu) == [] and OmegaConf.to_container(gpu) == before
+
+    cpu = main_ppo.compose_config(["method=tre_k", "trainer.device=cpu"])
+    notes = cpu_mode.adjust_config(cpu)
+    for key, value, reason in cpu_mode._CONFIG_ADJUSTMENTS:
+        assert OmegaConf.select(cpu, key) == value, key
+    changed = {note.split(":")[0] for note in notes}
+    assert "actor_rollout_ref.rollout.name" in changed and "actor_rollout_ref.actor.strategy" in changed
+    assert all("(" in note and "->" in note for note in notes)  # each change names old, new and reason
+    # Nothing else moves: the method's settings survive.
+    assert cpu.actor_rollout_ref.actor.trust_region.mode == "top_k"
+    assert cpu_mode.adjust_config(cpu) == []  # idempotent
+
+
+def test_other_verl_versions_are_refused(monkeypatch):
+    import verl
+
+    monkeypatch.setattr(verl, "__version__", "0.5.0")
+    config = main_ppo.compose_config(["trainer.device=cpu"])
+    with pytest.raises(RuntimeError, match=r"verl==0\.4\.1 only, found verl 0\.5\.0"):
+        cpu_mode.adjust_config(config)
+    with pytest.raises(RuntimeError, match="trainer.device=cuda"):
+        cpu_mode.apply_worker_patches()
+    assert cpu_mode.adjust_config(main_ppo.compose_config([])) == []  # GPU runs are not affected
+
+
+def test_ray_resources_stand_in_for_gpus():
+    config = main_ppo.compose_config(["trainer.device=cpu", "trainer.n_gpus_per_node=2"])
+    kwargs = cpu_mode.ray_init_kwargs(config)
+    assert kwargs["num_gpus"] == 2 and kwargs["resources"] == {"cpu": 2}
+    assert kwargs["num_cpus"] >= 3  # two workers and verl's TaskRunner
+
+
+def test_backend_string_collapses_to_one_backend():
+    seen = {}
+    init = cpu_mode._single_backend_init(lambda **kw: seen.update(kw))
+    init(backend="cpu:gloo,cpu:gloo", rank=0)
+    assert seen == {"backend": "gloo", "rank": 0}
+    init(backend="cpu:gloo,cuda:nccl")
+    assert seen["backend"] == "cpu:gloo,cuda:nccl"  # a real mixed spec is left alone
+
+
+WORKER_CHECK = textwrap.dedent(
+    """
+    import socket, sys, tempfile
+    import torch
+    from omegaconf import OmegaConf
+    from tensordict import TensorDict
+    from verl import DataProto
+    from verl_tre.trainer.main_ppo import hide_trl_without_value_head
+    from verl_tre.utils import cpu_mode, local_assets
+
+    cpu_mode.apply_worker_patches()
+    cpu_mode.apply_worker_patches()  # idempotent: wrappers are not stacked
+
+    # torch.cpu stand-ins verl's memory logging, cache clearing and checkpointed RNG need.
+    assert torch.cpu.memory_allocated() == 0 and torch.cpu.max_memory_reserved() == 0
+    free, total = torch.cpu.mem_get_info()
+    assert 0 < free <= total
+    state = torch.cpu.get_rng_state(); a = torch.rand(3); torch.cpu.set_rng_state(state)
+    assert torch.equal(a, torch.rand(3))
+    torch.cpu.empty_cache(); assert isinstance(torch.cpu.get_device_name(), str)
+
+    # verl's actor worker asks for "cpu:gloo,<device>:<nccl backend>".
+    import verl.utils.device as device, verl.workers.fsdp_workers as fsdp_workers
+    assert device.get_nccl_backend() == fsdp_workers.get_nccl_backend() == "gloo"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0)); port = s.getsockname()[1]
+    torch.distributed.init_process_group(backend="cpu:gloo," + device.get_device_name() + ":" + device.get_nccl_backend(),
+                                         rank=0, world_size=1, init_method=f"tcp://127.0.0.1:{port}")
+    x = torch.ones(2); torch.distributed.all_reduce(x); assert x.tolist() == [1.0, 1.0]
+    torch.distributed.destroy_process_group()
+
+    assert fsdp_workers.CPUOffloadPolicy(pin_memory=True).pin_memory is False
+    from verl.workers.sharding_manager.base import BaseShardingManager
+    assert BaseShardingManager().timing == {}
+
+    root = tempfile.mkdtemp()
+    tok = local_assets.train_bpe_tokenizer(["abc def ghi"] * 10, root + "/tok", vocab_size=280)
+    model_dir = local_assets.tiny_qwen2(root + "/m", tok, hidden_size=16, num_layers=1, num_heads=2,
+                                        num_kv_heads=1, intermediate_size=32)
+
+    import verl.utils.model as verl_model
+    critic = verl_model.load_valuehead_model(str(model_dir), torch.float32,
+                                             __import__("transformers").AutoConfig.from_pretrained(model_dir, num_labels=1), False)
+    assert critic.config._attn_implementation == "sdpa"
+
+    # HF rollout: greedy responses equal transformers' own generate on the same left-padded prompts.
+    from transformers import AutoModelForCausalLM
+    from verl.workers.rollout.hf_rollout import HFRollout
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    ids = torch.tensor([[0, 0, 5, 9, 12], [7, 8, 9, 10, 11]]); mask = (ids != 0).long()
+    mask[1] = 1
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    config = OmegaConf.create({"do_sample": False, "response_length": 6, "temperature": 1.0, "top_p": 1.0,
+                               "top_k": -1, "n": 1, "val_kwargs": {}})
+    rollout = HFRollout(model, config)
+    batch = DataProto(batch=TensorDict({"input_ids": ids, "attention_mask": mask, "position_ids": positions},
+                                       batch_size=2), meta_info={"eos_token_id": -1, "pad_token_id": 0})
+    out = rollout.generate_sequences(batch)
+    ref = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=6, min_new_tokens=6,
+                         pad_token_id=0, eos_token_id=None)
+    assert torch.equal(out.batch["responses"], ref[:, 5:]), (out.batch["responses"], ref[:, 5:])
+
+    import trl, verl.models.transformers.monkey_patch as mp
+    hide_trl_without_value_head()
+    assert mp.is_trl_available() == verl_model.is_trl_available() == hasattr(trl, "AutoModelForCausalLMWithValueHead")
+    print("ok")
+    """
+)
+
+
+def test_worker_patches_in_a_fresh_process():
+    out = subprocess.run([sys.executable, "-c", WORKER_CHECK], cwd=REPO, capture_output=True, text=True, timeout=180)
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
