@@ -71,7 +71,7 @@ def _fmt(values: list[float], scale: float = 1.0, digits: int = 2) -> str:
 def table(runs: list[dict], results: Path) -> str:
     """Markdown table: mean ± sd across seeds per (V, horizon, variant), with the warm start of each cell."""
     head = ("| V | horizon | variant | acc T=1 (%) | acc greedy (%) | never-valid mass / token (1e-3) | "
-            "responses with never-valid token (%) | collapsed | full entropy | TRE-K | TRE-P |")
+            "responses with never-valid token (%) | collapsed | full entropy (nats) | TRE-K* | TRE-P* |")
     lines = [head, "|" + "---|" * 11]
     for cell in _cells(runs):
         vocab, horizon = cell
@@ -86,6 +86,10 @@ def table(runs: list[dict], results: Path) -> str:
                 f"{_fmt(got('invalid_mass'), 1e3, 3)} | {_fmt(got('invalid_response'), 100, 1)} | {sum(collapsed)}/{len(collapsed)} | "
                 f"{_fmt(got('entropy_full'))} | {_fmt(got('tre_k'))} | {_fmt(got('tre_p'))} |"
             )
+    lines.append("")
+    n_test = json.loads((results / "study.json").read_text())["n_test"]
+    lines.append(f"Mean ± sd across seeds of held-out readouts after RL ({n_test} prompts, one sampled and one greedy "
+                 "response each); * scaled TRE values on the last training batch, logged for every variant.")
     return "\n".join(lines)
 
 
@@ -176,20 +180,27 @@ def conclusion(runs: list[dict]) -> str:
         if no_leak:
             para += "Not resolved from noise: " + "; ".join(no_leak) + ". "
         tre = [v for v in variants if v.startswith("tre")]
-        lower, not_lower = [], []
+        below_full, above_none, pairs = [], [], 0
         for cell in cells:
             for var in tre:
+                pairs += 1
                 t, f, p = _compare(runs, cell, var, "full", "invalid_mass")
-                tests += 1
-                (lower if p < ALPHA and t < f else not_lower).append(f"{LABELS[var]} at V={cell[0]}/{cell[1]}")
-        para += (f"TRE kept the tail clearly below full entropy in {len(lower)} of {len(lower) + len(not_lower)} "
-                 f"(variant, cell) pairs")
-        para += f" (not in: {', '.join(not_lower)})." if not_lower else "."
+                _, n, q = _compare(runs, cell, var, "none", "invalid_mass")
+                tests += 2
+                name = f"{LABELS[var]} at V={cell[0]}/{cell[1]}"
+                if p < ALPHA and t < f:
+                    below_full.append(name)
+                if q < ALPHA and t > n:
+                    above_none.append(f"{name} ({_ratio(t, n)})")
+        para += f"TRE kept the tail clearly below full entropy in {len(below_full)} of {pairs} (variant, cell) pairs"
+        para += f" ({', '.join(below_full)}). " if 0 < len(below_full) <= pairs // 2 else ". "
+        para += (f"TRE raised it clearly above no entropy in {len(above_none)} of {pairs}: " + "; ".join(above_none) + ". "
+                 if above_none else "No TRE variant raised it clearly above no entropy. ")
         by_v = {}
         for cell in cells:
             by_v.setdefault(cell[1], {})[cell[0]] = statistics.fmean(_values(runs, cell, "full", "invalid_response"))
         growth = [f"{h}: " + ", ".join(f"V={v} {100 * x:.1f}%" for v, x in sorted(d.items())) for h, d in by_v.items()]
-        para += " Share of held-out full-entropy responses holding a never-valid token: " + "; ".join(growth) + "."
+        para += "Share of held-out full-entropy responses holding a never-valid token: " + "; ".join(growth) + "."
         out.append(para)
 
     if "full" in variants and "none" in variants:

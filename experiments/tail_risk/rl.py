@@ -62,7 +62,7 @@ class RLConfig:
     prompts_per_step: int = 8
     group_size: int = 8
     minibatches: int = 2
-    lr: float = 1e-3
+    lr: float = 3e-4
     clip: float = 0.2
     grad_clip: float = 1.0
     log_every: int = 10

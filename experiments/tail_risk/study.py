@@ -60,7 +60,7 @@ class StudyConfig:
     horizons: tuple[str, ...] = ("short", "long")
     seeds: tuple[int, ...] = (0, 1, 2, 3)
     variants: tuple[str, ...] = tuple(VARIANTS)
-    coeff: float = 0.01
+    coeff: float = 0.05
     n_test: int = 256
     collapse_ratio: float = 0.5
     sft: SFTConfig = field(default_factory=SFTConfig)
