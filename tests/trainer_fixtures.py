@@ -26,7 +26,7 @@ def build_tiny_assets(root: Path) -> dict[str, Path]:
 
     texts = [r["prompt"][0]["content"] for r in pd.read_parquet(paths["train"]).to_dict("records")]
     texts += ["user\n", "assistant\n", "<think> </think> <answer> (1 + 2) * 3 </answer>"] * 8
-    tokenizer = local_assets.train_bpe_tokenizer(texts, root / "tokenizer", vocab_size=320, compact=True)
+    tokenizer = local_assets.train_bpe_tokenizer(texts, root / "tokenizer", vocab_size=512, compact=True)
     model = local_assets.tiny_qwen2(root / "model", tokenizer, hidden_size=32, num_layers=2, num_heads=4,
                                     num_kv_heads=2, intermediate_size=64)
     return {"train": paths["train"], "test": paths["test"], "model": model}

@@ -127,7 +127,8 @@ def _require_setup_hook() -> None:
 def run(config: DictConfig) -> None:
     """Validate ``config`` and run verl's trainer (or print the config when verl_tre.dry_run=true).
 
-    Starts Ray unless this process already did through ``init_ray`` (several runs can share one start-up).
+    Starts Ray unless this process already did through ``init_ray``: several runs can share one start-up, and
+    each run's placement groups are released when it ends.
     """
     dry_run = bool(OmegaConf.select(config, "verl_tre.dry_run"))
     notes = prepare(config, launching=not dry_run)
@@ -141,16 +142,35 @@ def run(config: DictConfig) -> None:
     import ray
     from verl.trainer.main_ppo import run_ppo
 
-    owns_ray = False
     if ray.is_initialized():
         _require_setup_hook()
-    else:
-        owns_ray = init_ray(config)
+        before = _live_placement_groups()
+        try:
+            run_ppo(config)
+        finally:
+            _remove_placement_groups(_live_placement_groups() - before)
+        return
+    owns_ray = init_ray(config)
     try:
         run_ppo(config)
     finally:
         if owns_ray:
             ray.shutdown()
+
+
+def _live_placement_groups() -> set[str]:
+    from ray.util import placement_group_table
+
+    return {info["name"] for info in placement_group_table().values() if info["state"] != "REMOVED"}
+
+
+def _remove_placement_groups(names: set[str]) -> None:
+    """verl names its placement groups deterministically and leaves them behind; the next run in the same Ray
+    session would fail to create them (or wait forever for the resources they hold)."""
+    from ray.util import get_placement_group, remove_placement_group
+
+    for name in names:
+        remove_placement_group(get_placement_group(name))
 
 
 @hydra.main(config_path="config", config_name="ppo_trainer", version_base=None)
