@@ -1,6 +1,6 @@
 """The embedded demo: a short TRE-K run through verl's real PPO trainer, on CPU, with nothing downloaded.
 
-    python -m verl_tre.demo [--out outputs/demo] [--steps 8] [--entropy-coeff 0.01]
+    python -m verl_tre.demo [--out outputs/demo] [--steps 20] [--entropy-coeff 0.01] [--fresh]
 
 1. Generates a Countdown set (3 numbers) with the project's generator and writes verl parquet.
 2. Trains a byte-level BPE tokenizer on it and warm-starts a tiny Qwen2 policy by a short supervised pass on the
@@ -11,6 +11,11 @@
    where the logs and checkpoints are.
 
 Every stage is cached in --out: a second run reuses the data, tokenizer and warm start (--fresh redoes them).
+
+Measured on a shared 2-core machine: set-up about 50 s (data 2 s, tokenizer 3 s, 400 warm-start steps about
+45 s), training 20 steps in about 150 s including Ray and worker start-up. The warm-started policy earns
+reward on about 6 % of samples (on 40 % of prompts at least one of 8 rollouts succeeds), so GRPO has signal
+from step 1. The coefficient 0.01 is the largest that did not collapse TRE in the project's toy study.
 """
 
 from __future__ import annotations
@@ -24,7 +29,8 @@ import sys
 import time
 from pathlib import Path
 
-# The demo's settings, chosen by measurement on a 2-core machine (see the README section on the demo).
+# The demo's settings, chosen by measurement on a 2-core machine (a larger RL learning rate, 5e-4, lowered the
+# reward within 30 steps; longer runs pass the 5-minute budget).
 NUM_TRAIN, NUM_TEST, SEED = 4000, 64, 0
 NUMBERS = dict(num_numbers=(3,), min_number=1, max_number=20, min_target=1, max_target=100)
 VOCAB_SIZE = 1024
