@@ -137,8 +137,6 @@ def run(config: DictConfig) -> None:
     if dry_run:
         print(OmegaConf.to_yaml(config))
         return
-    if cpu_mode.is_cpu_mode(config):
-        cpu_mode.apply_worker_patches()
     import ray
     from verl.trainer.main_ppo import run_ppo
 

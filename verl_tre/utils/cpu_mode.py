@@ -138,9 +138,9 @@ def _single_backend_init(init_process_group):
 
 def _hf_rollout_positions_from_mask(rollout_cls):
     """verl's HFRollout passes the prompt's position_ids to ``generate``; transformers 4.5x then reuses the last
-    prompt position for every new token (measured: the demo policy's sampled reward drops from 5.9 % to 0 %). Without
-    them, generate derives positions from the attention mask: the same for the left-padded prompt, and right
-    for the new tokens."""
+    prompt position for every new token (measured: the demo policy's sampled reward drops from 5.9 % to 0 %).
+    Without them, generate derives positions from the attention mask: the same for the left-padded prompt, and
+    right for the new tokens."""
     original_init = rollout_cls.__init__
 
     @functools.wraps(original_init)
