@@ -47,7 +47,7 @@ def token_stats(logits: torch.Tensor, mask: torch.Tensor, invalid: torch.Tensor,
     if not regions:
         return basic
     k_stats = trust_region_stats(logits, top_k=TRE_K)
-    p_stats = trust_region_stats(logits, top_p=TRE_P)
+    p_stats = trust_region_stats(logits.double(), top_p=TRE_P)  # fp64: the sort path, see rl.Regularizer.value
     return {
         **basic,
         "tre_k": _masked_mean(k_stats["tre_value"], mask),

@@ -1,6 +1,6 @@
 """Run the tail-risk study (or resume it) and write its report.
 
-    python -m experiments.tail_risk.run                       # full study, ~25 min on 2 cores
+    python -m experiments.tail_risk.run                       # full study, 4 seeds, 96 runs
     python -m experiments.tail_risk.run --quick               # pipeline check, a few minutes
     python -m experiments.tail_risk.run --report-only         # redraw table, plots, conclusion
 
