@@ -182,7 +182,9 @@ def _nucleus_by_radix(e: torch.Tensor, target: torch.Tensor):
 def _nucleus(e: torch.Tensor, region: TrustRegion):
     """(tau [c, 1], size [c, 1] long) of the TRE-P region in probability space (e = unnormalized probabilities)."""
     target = region.top_p * e.sum(dim=-1, keepdim=True, dtype=torch.float64)
-    tau, count = (_nucleus_by_radix if e.dtype == torch.float32 else _nucleus_by_sort)(e, target)
+    # Radix selection pays off once V outgrows its 2**15 buckets per row; below that a sort is cheaper.
+    radix = e.dtype == torch.float32 and e.shape[-1] >= 1 << 15
+    tau, count = (_nucleus_by_radix if radix else _nucleus_by_sort)(e, target)
     if region.max_size is not None:
         cap = min(region.max_size, e.shape[-1])
         capped_tau = torch.topk(e, cap, dim=-1, sorted=False).values.amin(dim=-1, keepdim=True)

@@ -138,7 +138,7 @@ class TREDataParallelPPOActor(DataParallelPPOActor):
         keys += ["loss_mask"] if multi_turn else []
         keys += ["ref_log_prob"] if cfg.use_kl_loss else []
         mini_batches = data.select(batch_keys=keys).batch.split(cfg.ppo_mini_batch_size)
-        grad_accum = cfg.ppo_mini_batch_size // cfg.ppo_micro_batch_size_per_gpu
+        grad_accum = None if cfg.use_dynamic_bsz else cfg.ppo_mini_batch_size // cfg.ppo_micro_batch_size_per_gpu
         kl_cov = cfg.policy_loss.get("loss_mode", "vanilla") == CLIPPED_KL_COV
 
         metrics = {}
@@ -201,6 +201,8 @@ class TREDataParallelPPOActor(DataParallelPPOActor):
                         _add_region_metrics(step, columns, response_mask)
 
                 grad_norm = self._optimizer_step()
+                if hasattr(grad_norm, "full_tensor"):  # FSDP2 returns a DTensor
+                    grad_norm = grad_norm.full_tensor()
                 _add(step, "actor/grad_norm", grad_norm)
                 # One host sync per mini-batch instead of one per metric and micro-batch.
                 for name, values in step.items():
