@@ -170,9 +170,9 @@ _PATCHED = False
 def apply_worker_patches() -> None:
     """Patch this process for CPU execution. Idempotent. Each patch names the verl 0.4.1 code it serves."""
     global _PATCHED
+    require_pinned_verl()  # before the early return: a process patched earlier must still refuse another verl
     if _PATCHED:
         return
-    require_pinned_verl()
     import platform
 
     import psutil
