@@ -7,9 +7,12 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from verl_tre.utils import torch_functional
 from verl_tre.utils.torch_functional import (
+    EntropyTerms,
     _nucleus_by_radix,
     _nucleus_by_sort,
+    _Workspace,
     _shifted_exp,
     entropy_from_logits,
     entropy_terms,
@@ -292,7 +295,15 @@ def test_works_under_torch_compile():
     torch.testing.assert_close(grad, expected)
 
 
-def _fp32_rows(kind: str) -> torch.Tensor:
+def _fp32_rows(kind: str, vocab: int = 0) -> torch.Tensor:
+    """Adversarial fp32 rows; ``vocab`` widens each row with -inf tokens (no probability) to that size."""
+    rows = _adversarial_rows(kind)
+    if vocab > rows.shape[-1]:
+        rows = torch.cat([rows, torch.full((rows.shape[0], vocab - rows.shape[-1]), -math.inf)], dim=-1)
+    return rows
+
+
+def _adversarial_rows(kind: str) -> torch.Tensor:
     gen = _gen(13)
     if kind == "random":
         return torch.randn(16, 5000, generator=gen) * 3
@@ -316,9 +327,36 @@ def _fp32_rows(kind: str) -> torch.Tensor:
 @pytest.mark.parametrize("kind", ["random", "flat", "ties", "minus_inf", "dominant", "wide_range"])
 @pytest.mark.parametrize("top_p", [0.1, 0.5, 0.9, 0.99, 0.999999])
 def test_radix_nucleus_equals_sorted_nucleus(kind, top_p):
-    _, _, e = _shifted_exp(_fp32_rows(kind))
-    target = top_p * e.sum(dim=-1, keepdim=True, dtype=torch.float64)
-    tau_radix, count_radix = _nucleus_by_radix(e, target)
+    z = _fp32_rows(kind)
+    _, _, e = _shifted_exp(z, _Workspace(z.shape[0]))
+    mass = e.double()
+    target = top_p * mass.sum(dim=-1, keepdim=True)
+    tau_radix, count_radix, above, n_above, n_tied = _nucleus_by_radix(e, mass, target, _Workspace(z.shape[0]))
     tau_sort, count_sort = _nucleus_by_sort(e, target)
     assert torch.equal(count_radix, count_sort)
     assert torch.equal(tau_radix, tau_sort)
+    assert torch.equal(above, e > tau_sort)
+    assert torch.equal(n_above, (e > tau_sort).sum(dim=-1, keepdim=True).float())
+    assert torch.equal(n_tied, (e == tau_sort).sum(dim=-1, keepdim=True).float())
+
+
+@pytest.mark.parametrize("kind", ["random", "flat", "ties", "minus_inf", "dominant", "wide_range"])
+@pytest.mark.parametrize("method", [{"top_p": 0.5}, {"top_p": 0.99}, {"top_p": 0.999999}, {"top_p": 0.9, "max_region_size": 256}])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_radix_path_equals_sort_path_in_values_statistics_and_gradients(kind, method, dtype, monkeypatch):
+    # Rows of at least 2**15 tokens take the radix path; forcing the sort path on the same logits is the reference.
+    logits = _fp32_rows(kind, vocab=1 << 15).to(dtype)
+
+    def run():
+        x = logits.clone().requires_grad_()
+        terms = entropy_terms(x, **method, stats_top_k=3, chunk_size=5)
+        (grad,) = torch.autograd.grad((terms.value * torch.linspace(0.5, 1.5, len(terms.value))).sum(), x)
+        return terms, grad
+
+    fast, fast_grad = run()
+    monkeypatch.setattr(torch_functional, "_RADIX_MIN_VOCAB", 1 << 30)
+    slow, slow_grad = run()
+    assert torch.equal(fast.region_size, slow.region_size)
+    for name in EntropyTerms._fields:
+        torch.testing.assert_close(getattr(fast, name), getattr(slow, name), rtol=1e-6, atol=1e-6, msg=name)
+    torch.testing.assert_close(fast_grad.float(), slow_grad.float(), rtol=1e-5, atol=1e-7)

@@ -19,9 +19,9 @@ for K = 1, whose value contains the full logsumexp). Where tokens tied at the re
 inside it, the value is the same whichever of them are taken, and each tied token receives the same share of the
 gradient (the mean over the possible tie-breaks).
 
-Memory: rows are processed in chunks, so fp32 temporaries never exceed ``chunk_size`` rows of the vocabulary; the
-backward pass recomputes what it needs from the logits and a few numbers per row instead of keeping [N, V]
-activations. Nothing here synchronizes the host with the device.
+Memory: rows are processed in chunks through reused workspace buffers, so fp32 temporaries never exceed
+``chunk_size`` rows of the vocabulary; the backward pass recomputes what it needs from the logits and a few
+numbers per row instead of keeping [N, V] activations. Nothing here synchronizes the host with the device.
 """
 
 from __future__ import annotations
@@ -42,9 +42,13 @@ __all__ = [
 
 Mode = Literal["full", "top_k", "top_p"]
 
-# fp32 elements of one chunk's [rows, V] temporaries: 2**22 keeps them around 16 MiB each, which measured
-# fastest on CPU (cache-resident) and bounds the GPU's extra memory to a few hundred MiB at any N.
-_CHUNK_ELEMENTS = 2**22
+# Elements of one chunk's [rows, V] workspace buffers (about 29 bytes per element in all for TRE-P). On CPU 2**20
+# keeps the working set near the L3 cache and measured fastest (2**19 to 2**22 tried at V = 151,936); on a GPU a
+# larger chunk amortizes kernel launches while the workspace stays near 0.5 GiB at any N.
+_CHUNK_ELEMENTS = {"cpu": 2**20}
+_CHUNK_ELEMENTS_ACCELERATOR = 2**24
+# Radix selection of the nucleus pays off once V outgrows its 2**15 buckets per row; below that a sort is cheaper.
+_RADIX_MIN_VOCAB = 1 << 15
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -125,22 +129,65 @@ def _check_logits(logits: torch.Tensor) -> None:
         raise ValueError(f"logits must have shape [..., V] with V >= 1, got {tuple(logits.shape)}")
 
 
-def _shifted_exp(z: torch.Tensor):
+class _Workspace:
+    """Named [rows, V] buffers reused by every chunk of one pass. On CPU a large allocation is fresh pages from
+    the operating system each time, which costs more than the arithmetic on them; on GPU it saves allocator work.
+    ``ws(name, like, dtype)`` returns a buffer shaped like ``like`` (a chunk, possibly the shorter last one)."""
+
+    def __init__(self, rows: int):
+        self._rows = rows
+        self._buffers: dict = {}
+
+    def __call__(self, name: str, like: torch.Tensor, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        dtype = like.dtype if dtype is None else dtype
+        buf = self._buffers.get(name)
+        if buf is None or buf.dtype != dtype:
+            buf = torch.empty(self._rows, like.shape[-1], dtype=dtype, device=like.device)
+            self._buffers[name] = buf
+        return buf[: like.shape[0]]
+
+
+def _shifted_exp(z: torch.Tensor, ws: _Workspace):
     """(row_max [c, 1], shifted [c, V], e [c, V]) with shifted = z - row_max, and e = exp(shifted) in [0, 1].
 
     -inf logits are clamped to the dtype's lowest finite value in ``shifted`` so that e * shifted is 0 there, not
     NaN; e is 0 for them either way.
     """
     row_max = z.amax(dim=-1, keepdim=True)
-    shifted = (z - row_max).clamp_(min=torch.finfo(z.dtype).min)
-    return row_max, shifted, shifted.exp()
+    shifted = torch.sub(z, row_max, out=ws("shifted", z)).clamp_(min=torch.finfo(z.dtype).min)
+    return row_max, shifted, torch.exp(shifted, out=ws("e", z))
+
+
+def _dot(a: torch.Tensor, b: torch.Tensor, ws: _Workspace) -> torch.Tensor:
+    """[c, 1] row-wise sum of a * b, through a workspace buffer."""
+    return torch.mul(a, b, out=ws("product", a)).sum(dim=-1, keepdim=True)
+
+
+def _count(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """[c, 1] number of True entries per row, as ``dtype`` (exact below 2**24 for fp32). Summing the mask's bytes
+    is several times faster on CPU than summing booleans, which goes through an int64 copy."""
+    return mask.view(torch.uint8).sum(dim=-1, keepdim=True, dtype=dtype)
+
+
+class _Nucleus(NamedTuple):
+    """TRE-P region of a chunk in probability space; every tensor but ``above`` is [c, 1] in e's dtype.
+
+    tau: probability (unnormalized, e) of the last token in. size: tokens in the region. above: [c, V] mask of
+    e > tau. n_above / n_tied: tokens with e > tau / e == tau (the region takes size - n_above of the tied ones).
+    """
+
+    tau: torch.Tensor
+    size: torch.Tensor
+    above: torch.Tensor
+    n_above: torch.Tensor
+    n_tied: torch.Tensor
 
 
 def _nucleus_by_sort(e: torch.Tensor, target: torch.Tensor):
-    """Nucleus boundary by a full sort (any dtype; used for fp64). e: [c, V] >= 0; target: [c, 1] fp64 mass.
+    """Nucleus boundary by a full sort (any dtype; used for fp64 and small vocabularies).
 
-    Returns (tau [c, 1], count [c, 1] long): the count of tokens whose preceding mass is below target, and the
-    value of the last of them.
+    e: [c, V] >= 0; target: [c, 1] fp64 mass. Returns (tau [c, 1], count [c, 1] long): the count of tokens whose
+    preceding mass is below target, and the value of the last of them.
     """
     ordered = torch.sort(e, dim=-1, descending=True).values
     before = torch.cumsum(ordered, dim=-1, dtype=torch.float64) - ordered
@@ -148,57 +195,69 @@ def _nucleus_by_sort(e: torch.Tensor, target: torch.Tensor):
     return torch.gather(ordered, -1, count - 1), count
 
 
-def _nucleus_by_radix(e: torch.Tensor, target: torch.Tensor):
-    """Nucleus boundary of fp32 rows by radix selection on the bits of e, without sorting (same result as
-    _nucleus_by_sort; several times faster on CPU, and no host synchronization).
+def _nucleus_by_radix(e: torch.Tensor, mass: torch.Tensor, target: torch.Tensor, ws: _Workspace):
+    """Nucleus boundary of fp32 rows by radix selection on the bits of e, without sorting: the same
+    (tau [c, 1], count [c, 1] long) as _nucleus_by_sort, plus (above mask [c, V], n_above [c, 1], n_tied [c, 1]).
 
-    Non-negative fp32 values order like their int32 bit patterns, and e <= 1 keeps those below 2**30. Two passes
-    of 15 bits each narrow the boundary to one exact float: each pass sums the fp64 mass of the candidates per
-    bucket and keeps the bucket where the mass above it first falls below the target. Tokens tied at the
-    boundary are then counted until the target is reached.
+    e: [c, V] fp32 >= 0; mass: e in fp64 (bucket sums of ~1e5 terms must resolve the boundary as finely as an fp64
+    cumsum); target: [c, 1] fp64. Non-negative fp32 values order like their int32 bit patterns, and e <= 1 keeps
+    those below 2**30. Two histogram passes of 15 bits narrow the boundary to one exact float; each keeps the bucket
+    where the mass above it first falls below the target. The second pass keys every token relative to the chosen
+    high bucket (below it -> bucket 0, above it -> the last bucket), so the mass above the boundary and the mass of
+    the tokens tied at it come out of the same histogram.
     """
+    n_buckets = 1 << 15
     bits = e.view(torch.int32)
-    mass = e.double()  # bucket sums of ~1e5 terms must resolve the boundary as finely as an fp64 cumsum
-    above = torch.zeros_like(target)
-    high = bits >> 15
-    tau_bits = None
-    for key in (high, bits & 0x7FFF):  # high 15 bits over all tokens, then low 15 bits inside the chosen bucket
-        weights = mass if tau_bits is None else torch.where(high == tau_bits, mass, 0.0)
-        buckets = torch.zeros(e.shape[0], 1 << 15, dtype=torch.float64, device=e.device)
-        buckets.scatter_add_(1, key.long(), weights)
-        # mass of the candidates above each bucket: all of them minus the running sum up to and including it
-        running = buckets.cumsum_(-1)
-        above_bucket = (running[:, -1:] + above) - running
-        chosen = (above_bucket >= target).sum(dim=-1, keepdim=True)
-        above = torch.gather(above_bucket, -1, chosen)
-        tau_bits = chosen.to(torch.int32) if tau_bits is None else (tau_bits << 15) | chosen.to(torch.int32)
-    tau = tau_bits.view(torch.float32)
-    greater = (e > tau).sum(dim=-1, keepdim=True)
-    tied = (e == tau).sum(dim=-1, keepdim=True)
-    needed = torch.ceil((target - above) / tau.double().clamp(min=torch.finfo(torch.float32).tiny)).long()
-    return tau, greater + torch.minimum(needed.clamp(min=1), tied)
+    key = ws("key", e, torch.int64).copy_(bits)
+    key >>= 15
+    hist = torch.zeros(e.shape[0], n_buckets, dtype=torch.float64, device=e.device).scatter_add_(1, key, mass)
+    mass_above = hist.sum(dim=-1, keepdim=True) - hist.cumsum(dim=-1)
+    high = (mass_above >= target).sum(dim=-1, keepdim=True)
+
+    key.copy_(bits).sub_((high << 15) - 1).clamp_(0, n_buckets + 1)
+    hist = torch.zeros(e.shape[0], n_buckets + 2, dtype=torch.float64, device=e.device).scatter_add_(1, key, mass)
+    mass_above = hist.sum(dim=-1, keepdim=True) - hist.cumsum(dim=-1)
+    low = (mass_above[:, 1:-1] >= target).sum(dim=-1, keepdim=True)
+    tau = ((high << 15) | low).to(torch.int32).view(torch.float32)
+    tau64 = tau.double()
+    # Every token equal to tau lands in bucket low + 1, and an fp64 sum of fewer than 2**29 equal fp32 values is exact.
+    n_tied = (torch.gather(hist, -1, low + 1) / tau64).round_()
+    needed = torch.ceil((target - torch.gather(mass_above, -1, low + 1)) / tau64).clamp_(min=1)
+    above = torch.gt(e, tau, out=ws("above", e, torch.bool))
+    n_above = _count(above, e.dtype)
+    count = n_above.long() + torch.minimum(needed, n_tied).long()
+    return tau, count, above, n_above, n_tied.to(e.dtype)
 
 
-def _nucleus(e: torch.Tensor, region: TrustRegion):
-    """(tau [c, 1], size [c, 1] long) of the TRE-P region in probability space (e = unnormalized probabilities)."""
-    target = region.top_p * e.sum(dim=-1, keepdim=True, dtype=torch.float64)
-    # Radix selection pays off once V outgrows its 2**15 buckets per row; below that a sort is cheaper.
-    radix = e.dtype == torch.float32 and e.shape[-1] >= 1 << 15
-    tau, count = (_nucleus_by_radix if radix else _nucleus_by_sort)(e, target)
-    if region.max_size is not None:
-        cap = min(region.max_size, e.shape[-1])
-        capped_tau = torch.topk(e, cap, dim=-1, sorted=False).values.amin(dim=-1, keepdim=True)
-        tau = torch.where(count > cap, capped_tau, tau)
-        count = count.clamp(max=cap)
-    return tau, count
+def _boundary(e: torch.Tensor, tau: torch.Tensor, size: torch.Tensor, ws: _Workspace) -> _Nucleus:
+    n_tied = _count(torch.eq(e, tau, out=ws("above", e, torch.bool)), e.dtype)
+    above = torch.gt(e, tau, out=ws("above", e, torch.bool))
+    return _Nucleus(tau, size, above, _count(above, e.dtype), n_tied)
 
 
-def _region_exp(e: torch.Tensor, key: torch.Tensor, tau: torch.Tensor, size: torch.Tensor) -> torch.Tensor:
-    """e restricted to the region {key > tau}, plus the share of the tokens tied at tau that completes ``size``."""
-    above = key > tau
-    at = key == tau
-    share = (size - above.sum(dim=-1, keepdim=True)).to(e.dtype) / at.sum(dim=-1, keepdim=True).to(e.dtype)
-    return torch.where(above, e, torch.where(at, e * share, 0.0))
+def _nucleus(e: torch.Tensor, region: TrustRegion, ws: _Workspace) -> _Nucleus:
+    """The TRE-P region of one chunk (e = unnormalized probabilities [c, V])."""
+    if e.dtype == torch.float32 and e.shape[-1] >= _RADIX_MIN_VOCAB:
+        mass = ws("mass", e, torch.float64).copy_(e)
+        target = region.top_p * mass.sum(dim=-1, keepdim=True)
+        tau, count, above, n_above, n_tied = _nucleus_by_radix(e, mass, target, ws)
+        nucleus = _Nucleus(tau, count.to(e.dtype), above, n_above, n_tied)
+    else:
+        tau, count = _nucleus_by_sort(e, region.top_p * e.sum(dim=-1, keepdim=True, dtype=torch.float64))
+        nucleus = _boundary(e, tau, count.to(e.dtype), ws)
+    if region.max_size is None:
+        return nucleus
+    cap = min(region.max_size, e.shape[-1])
+    capped_tau = torch.topk(e, cap, dim=-1, sorted=False).values.amin(dim=-1, keepdim=True)
+    over = nucleus.size > cap
+    return _boundary(e, torch.where(over, capped_tau, nucleus.tau), nucleus.size.clamp(max=cap), ws)
+
+
+def _region_weights(e: torch.Tensor, tau: torch.Tensor, share: torch.Tensor, ws: _Workspace) -> torch.Tensor:
+    """[c, V] multiplier of e inside the region: 1 above tau, ``share`` ([c, 1]) for tokens tied at tau, else 0."""
+    mask = ws("above", e, torch.bool)
+    weights = torch.mul(torch.eq(e, tau, out=mask).view(torch.uint8), share, out=ws("weights", e))
+    return weights.add_(torch.gt(e, tau, out=mask).view(torch.uint8))
 
 
 def _scale(region: TrustRegion, vocab_size: int, size: torch.Tensor) -> torch.Tensor:
@@ -213,53 +272,69 @@ def _is_min_entropy(region: TrustRegion) -> bool:
     return region.mode == "top_k" and region.top_k == 1
 
 
-def _entropy(weights_exp: torch.Tensor, shifted: torch.Tensor):
-    """(entropy [c, 1], weight sum [c, 1]) of the renormalized distribution proportional to weights_exp."""
-    total = weights_exp.sum(dim=-1, keepdim=True)
-    return total.log() - torch.linalg.vecdot(weights_exp, shifted).unsqueeze(-1) / total, total
+def _entropy(total: torch.Tensor, dot: torch.Tensor):
+    """(entropy, mean of z - max), each [c, 1], of the distribution proportional to weights w over the shifted
+    logits s, from total = sum w and dot = sum w s."""
+    mean = dot / total
+    return total.log() - mean, mean
 
 
-def _chunk_forward(z: torch.Tensor, region: TrustRegion, stats_top_k: int, with_stats: bool):
-    """One chunk of rows [c, V] (fp32 or fp64) -> per-row outputs [c] and what backward needs.
+def _chunk_forward(z: torch.Tensor, region: TrustRegion, stats_top_k: int, with_stats: bool, ws: _Workspace):
+    """One chunk of rows [c, V] (fp32 or fp64) -> the five per-row outputs [c] and four per-row tensors [c] that
+    backward needs: (tau, share of the tied tokens, region mean of z - max, d value / d region weight sum).
 
-    The region boundary is kept as (tau, size): TRE-K compares logits with tau, TRE-P compares probabilities
-    (they can tie where logits do not), full entropy takes every token.
+    The region boundary is kept as tau: TRE-K compares logits with it, TRE-P compares probabilities (they can tie
+    where logits do not), full entropy takes every token.
     """
     vocab = z.shape[-1]
-    row_max, shifted, e = _shifted_exp(z)
-    entropy_full, sum_exp = _entropy(e, shifted)
+    row_max, shifted, e = _shifted_exp(z, ws)
+    sum_exp = e.sum(dim=-1, keepdim=True)
+    entropy_full, mean_full = _entropy(sum_exp, _dot(e, shifted, ws))
+    ones = torch.ones_like(row_max)
     if region.mode == "full":
-        tau = torch.full_like(row_max, -math.inf)
         size = torch.full_like(row_max, float(vocab))
-        value, region_mass = entropy_full, torch.ones_like(row_max)
+        value, region_mass = entropy_full, ones
+        saved = (torch.full_like(row_max, -math.inf), ones, mean_full, 1.0 / sum_exp)
     elif region.mode == "top_k":
-        # The K largest logits alone give the region's sums; ties at the boundary do not change them.
+        # The K largest logits alone give the region's sums; ties at the boundary do not change them. The backward
+        # pass recomputes them (sparse), so nothing else is kept.
         top = torch.topk(z, region.top_k, dim=-1, sorted=False).values
-        tau = top.amin(dim=-1, keepdim=True)
-        size = torch.full_like(tau, float(region.top_k))
+        size = torch.full_like(row_max, float(region.top_k))
         top_shifted = (top - row_max).clamp_(min=torch.finfo(z.dtype).min)
-        region_entropy, region_sum = _entropy(top_shifted.exp(), top_shifted)
+        top_exp = top_shifted.exp()
+        region_sum = top_exp.sum(dim=-1, keepdim=True)
+        region_entropy, _ = _entropy(region_sum, (top_exp * top_shifted).sum(dim=-1, keepdim=True))
         region_mass = region_sum / sum_exp
         # K = 1: logsumexp(z) - max(z), the reference's min-entropy.
         value = sum_exp.log() if _is_min_entropy(region) else region_entropy * _scale(region, vocab, size)
+        saved = (top.amin(dim=-1, keepdim=True), ones, ones, ones)
     else:
-        tau, count = _nucleus(e, region)
-        size = count.to(z.dtype)
-        region_entropy, region_sum = _entropy(_region_exp(e, e, tau, count), shifted)
+        nucleus = _nucleus(e, region, ws)
+        size, tau = nucleus.size, nucleus.tau
+        inside = torch.mul(e, nucleus.above.view(torch.uint8), out=ws("weights", e))
+        # The tied tokens taken have e == tau and z - max == log(tau) up to rounding: they enter in closed form.
+        taken = size - nucleus.n_above
+        region_sum = inside.sum(dim=-1, keepdim=True) + taken * tau
+        region_entropy, mean = _entropy(region_sum, _dot(inside, shifted, ws) + taken * torch.xlogy(tau, tau))
         region_mass = region_sum / sum_exp
-        value = region_entropy * _scale(region, vocab, size)
+        scale = _scale(region, vocab, size)
+        value = region_entropy * scale
+        saved = (tau, taken / nucleus.n_tied, mean, scale / region_sum)
 
-    if with_stats:
+    if not with_stats:
+        topk_prob = torch.zeros_like(row_max)
+    elif stats_top_k == 1:
+        topk_prob = 1.0 / sum_exp  # the largest e is exp(0) = 1
+    else:
         top = torch.topk(e, min(stats_top_k, vocab), dim=-1, sorted=False).values
         topk_prob = top.sum(dim=-1, keepdim=True) / sum_exp
-    else:
-        topk_prob = torch.zeros_like(row_max)
     rows = (value, entropy_full, region_mass, size, topk_prob)
-    return tuple(t.squeeze(-1) for t in rows), (tau.squeeze(-1), size.squeeze(-1))
+    return tuple(t.squeeze(-1) for t in rows), tuple(t.squeeze(-1) for t in saved)
 
 
-def _top_k_backward(z: torch.Tensor, region: TrustRegion, g: torch.Tensor) -> torch.Tensor:
-    """Gradient of TRE-K (K >= 2) for one chunk, from the K largest logits: only they (and ties) get gradient."""
+def _top_k_backward(z: torch.Tensor, region: TrustRegion, g: torch.Tensor, out: torch.Tensor, ws: _Workspace) -> None:
+    """Gradient of TRE-K (K >= 2) for one chunk into ``out``, from the K largest logits: only they (and ties) get
+    gradient."""
     top, index = torch.topk(z, region.top_k, dim=-1, sorted=False)
     tau = top.amin(dim=-1, keepdim=True)
     top_shifted = (top - top.amax(dim=-1, keepdim=True)).clamp_(min=torch.finfo(z.dtype).min)
@@ -270,28 +345,31 @@ def _top_k_backward(z: torch.Tensor, region: TrustRegion, g: torch.Tensor) -> to
     grad_top = -(g * _scale(region, z.shape[-1], size)) * pi * (top_shifted - mean)
     # All tokens tied at tau share evenly what the picked ones among them would get.
     picked_at = top == tau
-    at = z == tau
-    share = (grad_top * picked_at).sum(dim=-1, keepdim=True) / at.sum(dim=-1, keepdim=True).to(z.dtype)
-    grad = torch.where(at, share, 0.0)
-    return grad.scatter_(-1, index, torch.where(picked_at, share, grad_top))
+    at = torch.eq(z, tau, out=ws("above", z, torch.bool))
+    share = (grad_top * picked_at).sum(dim=-1, keepdim=True) / _count(at, z.dtype)
+    torch.mul(at.view(torch.uint8), share, out=out)
+    out.scatter_(-1, index, torch.where(picked_at, share, grad_top).to(out.dtype))
 
 
-def _chunk_backward(z: torch.Tensor, region: TrustRegion, tau, size, grad_value) -> torch.Tensor:
-    """d value / d z for one chunk [c, V], times the incoming per-row gradient [c]."""
-    g = grad_value.unsqueeze(-1)
+def _chunk_backward(z, region: TrustRegion, saved, g: torch.Tensor, out: torch.Tensor, ws: _Workspace) -> None:
+    """Writes d value / d z for one chunk [c, V], times the incoming per-row gradient g [c, 1], into ``out``."""
     if region.mode == "top_k" and region.top_k > 1:
-        return _top_k_backward(z, region, g)
-    _, shifted, e = _shifted_exp(z)
+        return _top_k_backward(z, region, g, out, ws)
+    _, shifted, e = _shifted_exp(z, ws)
     if _is_min_entropy(region):
         # d/dz [logsumexp(z) - max(z)] = softmax(z) - (share of the maximum, split evenly among tied maxima)
-        at_max = (shifted == 0).to(z.dtype)
-        return g * (e / e.sum(-1, keepdim=True) - at_max / at_max.sum(-1, keepdim=True))
-    tau, size = tau.unsqueeze(-1), size.unsqueeze(-1)
-    weights = e if region.mode == "full" else _region_exp(e, e, tau, size)
-    total = weights.sum(dim=-1, keepdim=True)
-    mean = torch.linalg.vecdot(weights, shifted).unsqueeze(-1) / total
+        at_max = torch.eq(shifted, 0, out=ws("above", z, torch.bool))
+        at_share = torch.mul(at_max.view(torch.uint8), 1.0 / _count(at_max, z.dtype), out=ws("weights", z))
+        prob = e.div_(e.sum(dim=-1, keepdim=True)).sub_(at_share)
+        torch.mul(prob, g, out=out)
+        return None
+    tau, share, mean, d_total = saved
     # dH_T/dz_a = -pi_T(a) (z_a - E_{pi_T}[z]) inside T, 0 outside; built in place in ``shifted``.
-    return shifted.sub_(mean).mul_(weights).mul_(-(g * _scale(region, z.shape[-1], size)) / total)
+    grad = shifted.sub_(mean).mul_(e)
+    if region.mode == "top_p":
+        grad.mul_(_region_weights(e, tau, share, ws))
+    torch.mul(grad, -(g * d_total), out=out)
+    return None
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -299,12 +377,22 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-def _chunk_rows(vocab: int, chunk_size: Optional[int]) -> int:
+def _chunk_rows(vocab: int, device: torch.device, chunk_size: Optional[int]) -> int:
     if chunk_size is not None:
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1 rows, got {chunk_size}")
         return chunk_size
-    return max(1, _CHUNK_ELEMENTS // vocab)
+    return max(1, _CHUNK_ELEMENTS.get(device.type, _CHUNK_ELEMENTS_ACCELERATOR) // vocab)
+
+
+def _chunks(logits2d: torch.Tensor, chunk: int, ws: _Workspace):
+    """(row slice, chunk in the compute dtype) for each chunk of rows; low-precision chunks are widened in place of
+    a workspace buffer."""
+    work = _compute_dtype(logits2d.dtype)
+    for start in range(0, logits2d.shape[0], chunk):
+        rows = slice(start, start + chunk)
+        z = logits2d[rows]
+        yield rows, z if z.dtype == work else ws("z", z, work).copy_(z)
 
 
 class _EntropyTermsFn(torch.autograd.Function):
@@ -312,15 +400,16 @@ class _EntropyTermsFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits2d, region, stats_top_k, with_stats, chunk):
-        work = _compute_dtype(logits2d.dtype)
+        ws = _Workspace(min(chunk, logits2d.shape[0]))
         outs = [[] for _ in range(5)]
-        saved = [[] for _ in range(2)]
-        for start in range(0, logits2d.shape[0], chunk):
-            rows, keep = _chunk_forward(logits2d[start : start + chunk].to(work), region, stats_top_k, with_stats)
+        saved = [[] for _ in range(4)]
+        for _, z in _chunks(logits2d, chunk, ws):
+            rows, keep = _chunk_forward(z, region, stats_top_k, with_stats, ws)
             for lst, t in zip(outs, rows):
                 lst.append(t)
             for lst, t in zip(saved, keep):
                 lst.append(t)
+        work = _compute_dtype(logits2d.dtype)
         outs = [torch.cat(lst) if lst else logits2d.new_zeros(0, dtype=work) for lst in outs]
         saved = [torch.cat(lst) if lst else logits2d.new_zeros(0, dtype=work) for lst in saved]
         ctx.save_for_backward(logits2d, *saved)
@@ -330,14 +419,13 @@ class _EntropyTermsFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_value, *unused):
-        logits2d, tau, size = ctx.saved_tensors
+        logits2d, *saved = ctx.saved_tensors
         grad = torch.empty_like(logits2d)
-        chunk = ctx.chunk
-        for start in range(0, logits2d.shape[0], chunk):
-            sl = slice(start, start + chunk)
-            z = logits2d[sl].to(tau.dtype)
-            g = _chunk_backward(z, ctx.region, tau[sl], size[sl], grad_value[sl].to(tau.dtype))
-            grad[sl] = g.to(grad.dtype)
+        ws = _Workspace(min(ctx.chunk, logits2d.shape[0]))
+        for rows, z in _chunks(logits2d, ctx.chunk, ws):
+            per_row = tuple(t[rows].unsqueeze(-1) for t in saved)
+            g = grad_value[rows].to(z.dtype).unsqueeze(-1)
+            _chunk_backward(z, ctx.region, per_row, g, grad[rows], ws)
         return grad, None, None, None, None
 
 
@@ -362,7 +450,7 @@ def entropy_terms(
         scale: multiply TRE values by log(V) / log(|T|) (default, as the reference).
         stats_top_k: k of the logged top-k probability.
         with_stats: False skips the top-k probability (the other statistics come for free).
-        chunk_size: rows per chunk (default: about 4M elements per chunk).
+        chunk_size: rows per chunk (default: about 1M elements per chunk on CPU, 16M on a GPU).
 
     Returns:
         EntropyTerms of [...]-shaped fp32 tensors (fp64 for fp64 logits); only ``value`` carries gradient.
@@ -379,7 +467,7 @@ def _entropy_terms(logits, region: TrustRegion, *, stats_top_k=1, with_stats=Tru
     if isinstance(stats_top_k, bool) or not isinstance(stats_top_k, int) or stats_top_k < 1:
         raise ValueError(f"stats_top_k must be an integer >= 1, got {stats_top_k!r}")
     lead = logits.shape[:-1]
-    outs = _EntropyTermsFn.apply(logits.reshape(-1, vocab), region, stats_top_k, with_stats, _chunk_rows(vocab, chunk_size))
+    outs = _EntropyTermsFn.apply(logits.reshape(-1, vocab), region, stats_top_k, with_stats, _chunk_rows(vocab, logits.device, chunk_size))
     return EntropyTerms(*(t.reshape(lead) for t in outs))
 
 
