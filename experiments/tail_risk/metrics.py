@@ -33,7 +33,7 @@ def token_stats(logits: torch.Tensor, mask: torch.Tensor, invalid: torch.Tensor,
 
     logits [B, R, V] (temperature 1), mask [B, R] (1 on response tokens), invalid [V] bool.
     Returns: invalid_mass (probability on never-valid ids), entropy_full (nats), top1_prob and, with ``regions``
-    (two more passes over the logits, one of them a sort), tre_k / tre_p (the scaled TRE values, K = 2, p = 0.99,
+    (two more passes over the logits), tre_k / tre_p (the scaled TRE values, K = 2, p = 0.99,
     in [0, log V]), tre_p_size (nucleus size, tokens), tre_p_mass (its probability).
     """
     logits = logits.detach().float()
@@ -47,7 +47,7 @@ def token_stats(logits: torch.Tensor, mask: torch.Tensor, invalid: torch.Tensor,
     if not regions:
         return basic
     k_stats = trust_region_stats(logits, top_k=TRE_K)
-    p_stats = trust_region_stats(logits.double(), top_p=TRE_P)  # fp64: the sort path, see rl.Regularizer.value
+    p_stats = trust_region_stats(logits, top_p=TRE_P)
     return {
         **basic,
         "tre_k": _masked_mean(k_stats["tre_value"], mask),
