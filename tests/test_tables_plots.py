@@ -35,20 +35,44 @@ def val_values(path):
     return [by_step[s] for s in sorted(by_step)]
 
 
+def repeated_steps(path):
+    steps = [r["step"] for r in raw_records(path)]
+    return sorted({s for s in steps if steps.count(s) > 1})
+
+
+def test_the_fixtures_are_a_resumed_run_and_a_killed_run():
+    # What make_fixtures.py leaves: the PPO run resumed from step 4 after losing its step-6 checkpoint, the TRE-K
+    # run cut in the middle of its last line.
+    assert repeated_steps(PPO) == [4, 5, 6] and not repeated_steps(TRE_K)
+    assert max(r["step"] for r in raw_records(PPO)) == 8
+    last = open(os.path.join(TRE_K, "metrics.jsonl")).read().splitlines()[-1]
+    with pytest.raises(json.JSONDecodeError):
+        json.loads(last)
+
+
 def test_reading_the_fixture_runs_tolerates_resume_and_truncation():
     notes = []
     ppo, tre = read_runs([FIXTURES], report=notes.append)
     assert (ppo.method, tre.method) == ("ppo", "tre_k")
     assert ppo.task == tre.task == "countdown" and ppo.model_size is None
-    assert any("truncated" in n for n in notes) and any("step 4 logged more than once" in n for n in notes)
-    # The resumed step keeps its second record.
-    step4 = [r for r in raw_records(PPO) if r["step"] == 4]
-    assert len(step4) == 2
-    assert ppo.metrics.loc[4, "critic/score/mean"] == step4[1]["metrics"]["critic/score/mean"]
-    assert list(ppo.metrics.index) == sorted(set(r["step"] for r in raw_records(PPO)))
+    assert any("truncated" in n for n in notes)
+    assert [s for s in repeated_steps(PPO) if any(f"step {s} logged more than once" in n for n in notes)] == [4, 5, 6]
+    records = raw_records(PPO)
+    # Each metric of a repeated step keeps its last value: the resumed launch's validation at step 4 replaces
+    # the first launch's, and step 4's training metrics (logged once) stay.
+    for step in repeated_steps(PPO):
+        expected = {}
+        for r in records:
+            if r["step"] == step:
+                expected.update(r["metrics"])
+        for name, value in expected.items():
+            assert ppo.metrics.loc[step, name] == pytest.approx(value, nan_ok=True), (step, name)
+    step4 = [r["metrics"] for r in records if r["step"] == 4]
+    assert "critic/score/mean" in step4[0] and "critic/score/mean" not in step4[1] and VAL_KEY in step4[1]
+    assert list(ppo.metrics.index) == sorted(set(r["step"] for r in records))
     assert tre.metrics.index.max() == max(r["step"] for r in raw_records(TRE_K))
     assert ppo.validation_key() == VAL_KEY
-    assert ppo.series("actor/tre_value") is None and tre.series("actor/tre_value") is not None
+    assert tre.series("actor/tre_value") is not None and tre.series("actor/region_size").max() == 2
 
 
 def test_markdown_table_cells_are_final_or_best_validation_in_percent():
@@ -101,8 +125,15 @@ def test_plots_one_figure_per_task_and_size_with_missing_panels_marked(tmp_path)
     img = mpimg.imread(paths[0] if paths[0].endswith("png") else paths[1])
     assert img.shape[0] > 500 and img.shape[1] > 1000
     assert open(next(p for p in paths if p.endswith(".pdf")), "rb").read(4) == b"%PDF"
-    # PPO alone never logged the TRE value: that panel says so, the others carry its line.
-    fig = plots.plot_group(read_runs([PPO]), "PPO only")
+    # A run that never logged the TRE value: that panel says so, the others carry its line.
+    bare = tmp_path / "bare_ppo"
+    bare.mkdir()
+    with open(bare / "metrics.jsonl", "w") as f:
+        for rec in raw_records(PPO):
+            rec["metrics"].pop("actor/tre_value", None)
+            f.write(json.dumps(rec) + "\n")
+    shutil.copy(os.path.join(PPO, "run.json"), bare / "run.json")
+    fig = plots.plot_group(read_runs([str(bare)]), "PPO only")
     panel = {ax.get_title(): ax for ax in fig.axes}
     assert [t.get_text() for t in panel["TRE value"].texts] == ["not logged"]
     assert len(panel["Training reward"].lines) == 1 and not panel["Training reward"].texts

@@ -132,6 +132,7 @@ def training_overrides(out: Path, data: Path, policy: Path, steps: int, entropy_
     """TRE-K with GRPO on CPU: 16 prompts x 8 rollouts per step, one policy update per step."""
     return [
         "task=countdown", "method=tre_k", "trainer.device=cpu", "trainer.n_gpus_per_node=1",
+        "verl_tre.model_size=null",  # the tiny policy is neither paper size: run records must not say 1.5b
         f"actor_rollout_ref.model.path={policy}", f"critic.model.path={policy}",
         f"data.train_files={data / 'train.parquet'}", f"data.val_files={data / 'test.parquet'}",
         f"data.max_prompt_length={MAX_PROMPT}", f"data.max_response_length={MAX_RESPONSE}",

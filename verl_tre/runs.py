@@ -4,7 +4,7 @@
 with verl's metric names plus the project's (``actor/entropy_full``, ``actor/tre_value``, ...);
 ``run.json`` holds ``task``, ``model``, ``model_size``, ``method`` and the resolved ``config``. Both are
 read tolerantly: a truncated last line (a run killed mid-write) is dropped, a step logged twice (a run
-resumed from a checkpoint) keeps its last record, and fields missing from ``run.json`` are inferred from
+resumed from a checkpoint) keeps the last value of each metric, and fields missing from ``run.json`` are inferred from
 the config, the model name or the directory name.
 """
 
@@ -132,8 +132,10 @@ def read_metrics(path: str) -> tuple[pd.DataFrame, list[str]]:
                 continue
             row[k] = v if math.isfinite(v) else float("nan")
         if step in records:
-            notes.append(f"step {step} logged more than once in {path} (a resumed run?): kept the last")
-        records[step] = row
+            notes.append(f"step {step} logged more than once in {path} (a resumed run?): kept each metric's last value")
+        # Per metric, not per record: a resumed run logs its validation at the resumed step on a line of its own,
+        # which must not erase that step's training metrics.
+        records.setdefault(step, {}).update(row)
     frame = pd.DataFrame.from_dict(records, orient="index").sort_index()
     frame.index.name = "step"
     return frame, notes
