@@ -360,3 +360,27 @@ def test_radix_path_equals_sort_path_in_values_statistics_and_gradients(kind, me
     for name in EntropyTerms._fields:
         torch.testing.assert_close(getattr(fast, name), getattr(slow, name), rtol=1e-6, atol=1e-6, msg=name)
     torch.testing.assert_close(fast_grad.float(), slow_grad.float(), rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run on a GPU machine: see README, Benchmarks)")
+@pytest.mark.parametrize("method", [{}, {"top_k": 1}, {"top_k": 2}, {"top_p": 0.99}, {"top_p": 0.9, "max_region_size": 256}])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_equals_cpu_on_a_full_vocabulary_and_adversarial_rows(method, dtype):
+    gen = _gen(21)
+    rows = torch.randn(6, 151_936, generator=gen) * 2.5
+    rows[:, :5] += torch.tensor([12.0, 11.0, 9.0, 8.0, 8.0])
+    rows[1, 1000:] = -math.inf
+    rows[2] = torch.randint(-6, 3, (151_936,), generator=gen).float() * 0.25  # ties everywhere
+    rows[3] *= 0.002  # a nucleus of ~150k tokens
+    logits = rows.to(dtype)
+    results = []
+    for device in ("cpu", "cuda"):
+        x = logits.to(device).requires_grad_()
+        terms = entropy_terms(x, **method, stats_top_k=3)
+        (grad,) = torch.autograd.grad((terms.value * torch.arange(1.0, 7.0, device=device)).sum(), x)
+        results.append(([t.cpu() for t in terms], grad.float().cpu()))
+    (cpu_terms, cpu_grad), (gpu_terms, gpu_grad) = results
+    assert torch.equal(cpu_terms[3], gpu_terms[3])  # region sizes
+    for name, a, b in zip(EntropyTerms._fields, cpu_terms, gpu_terms):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5, msg=name)
+    torch.testing.assert_close(gpu_grad, cpu_grad, rtol=1e-4, atol=1e-7)
