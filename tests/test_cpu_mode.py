@@ -122,6 +122,28 @@ WORKER_CHECK = textwrap.dedent(
                          pad_token_id=0, eos_token_id=None)
     assert torch.equal(out.batch["responses"], ref[:, 5:]), (out.batch["responses"], ref[:, 5:])
 
+    # Remove-padding: verl's actor and critic modules have the padding helpers, and a packed SDPA forward (one
+    # row, position_ids restarting per sequence, verl's apply_monkey_patch applied) gives each sequence the
+    # logits of its padded forward, i.e. no attention across sequences.
+    import verl.workers.actor.dp_actor as verl_dp_actor, verl.workers.critic.dp_critic as verl_dp_critic
+    from verl.models.transformers.monkey_patch import apply_monkey_patch
+    assert all(callable(getattr(m, n)) for m in (verl_dp_actor, verl_dp_critic)
+               for n in ("unpad_input", "pad_input", "index_first_axis", "rearrange"))
+    hide_trl_without_value_head()  # as the worker setup hook does before verl's monkey patch imports trl
+    apply_monkey_patch(model, use_remove_padding=True)
+    seqs = [[5, 9, 12, 7, 3, 4, 6], [8, 2, 11], [10, 4, 4, 9, 1]]
+    width = max(map(len, seqs))
+    padded_ids = torch.tensor([s + [0] * (width - len(s)) for s in seqs])
+    padded_mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs])
+    with torch.no_grad():
+        padded = model(input_ids=padded_ids, attention_mask=padded_mask, use_cache=False).logits
+        packed = model(input_ids=torch.tensor([sum(seqs, [])]), attention_mask=None, use_cache=False,
+                       position_ids=torch.tensor([sum((list(range(len(s))) for s in seqs), [])])).logits
+    start = 0
+    for i, s in enumerate(seqs):
+        torch.testing.assert_close(packed[0, start:start + len(s)], padded[i, :len(s)], rtol=1e-5, atol=1e-5)
+        start += len(s)
+
     import trl, verl.models.transformers.monkey_patch as mp
     hide_trl_without_value_head()
     assert mp.is_trl_available() == verl_model.is_trl_available() == hasattr(trl, "AutoModelForCausalLMWithValueHead")

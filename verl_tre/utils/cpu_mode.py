@@ -50,10 +50,6 @@ _CONFIG_ADJUSTMENTS: tuple[tuple[str, object, str], ...] = (
      "verl hard-codes flash_attention_2, a CUDA-only kernel"),
     ("critic.model.override_config._attn_implementation", "sdpa",
      "verl hard-codes flash_attention_2, a CUDA-only kernel"),
-    ("actor_rollout_ref.model.use_remove_padding", False,
-     "packed sequences need flash-attn's varlen kernel; SDPA would attend across packed sequences"),
-    ("critic.model.use_remove_padding", False,
-     "packed sequences need flash-attn's varlen kernel; SDPA would attend across packed sequences"),
     ("actor_rollout_ref.model.use_fused_kernels", False, "the fused kernels are Triton (GPU) code"),
     ("actor_rollout_ref.rollout.name", "hf", "vLLM and SGLang need CUDA; HF generate runs anywhere"),
     ("actor_rollout_ref.rollout.mode", "sync", "async rollout servers are vLLM/SGLang only"),
@@ -181,9 +177,13 @@ def apply_worker_patches() -> None:
 
     import verl.utils.device as verl_device
     import verl.utils.model as verl_model
+    import verl.workers.actor.dp_actor as verl_dp_actor
+    import verl.workers.critic.dp_critic as verl_dp_critic
     import verl.workers.fsdp_workers as fsdp_workers
     from verl.workers.rollout.hf_rollout import HFRollout
     from verl.workers.sharding_manager.base import BaseShardingManager
+
+    from verl_tre.utils import padding
 
     # verl calls get_torch_device().<fn>() (torch.cpu on CPU) for memory logging, cache clearing, seeding and
     # checkpointed RNG state; torch.cpu lacks these. Fill only what is missing, with CPU meanings: there is no
@@ -221,4 +221,11 @@ def apply_worker_patches() -> None:
     verl_model.load_valuehead_model = _sdpa_value_model_loader
     BaseShardingManager.timing = _NoTiming.timing
     _hf_rollout_positions_from_mask(HFRollout)
+    # The remove-padding path of the actor and the critic imports flash-attn's padding helpers only when CUDA is
+    # present; plain-torch equivalents take their place. The packed forward itself works with SDPA: transformers
+    # splits the causal mask where position_ids restart, as flash-attn's varlen kernel does.
+    for module in (verl_dp_actor, verl_dp_critic):
+        for name in padding.__all__:
+            if not hasattr(module, name):
+                setattr(module, name, getattr(padding, name))
     _PATCHED = True
