@@ -12,8 +12,8 @@
 
 Every stage is cached in --out: a second run reuses the data, tokenizer and warm start (--fresh redoes them).
 
-Measured on a shared 2-core machine: set-up about 50 s (data 2 s, tokenizer 3 s, 400 warm-start steps about
-45 s), training 20 steps in about 150 s including Ray and worker start-up. The warm-started policy earns
+Measured on an idle 2-core machine: set-up about 53 s (data 2 s, tokenizer 3 s, 400 warm-start steps about
+45 s), training 20 steps in about 71 s including Ray and worker start-up. The warm-started policy earns
 reward on about 6 % of samples (on 40 % of prompts at least one of 8 rollouts succeeds), so GRPO has signal
 from step 1. The coefficient 0.01 is the largest that did not collapse TRE in the project's toy study.
 """
