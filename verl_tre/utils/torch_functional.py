@@ -297,7 +297,7 @@ def _chunk_forward(z: torch.Tensor, region: TrustRegion, stats_top_k: int, with_
         saved = (torch.full_like(row_max, -math.inf), ones, mean_full, 1.0 / sum_exp)
     elif region.mode == "top_k":
         # The K largest logits alone give the region's sums; ties at the boundary do not change them. The backward
-        # pass recomputes them (sparse), so nothing else is kept.
+        # pass recomputes them (sparse), so it needs none of the per-row tensors.
         top = torch.topk(z, region.top_k, dim=-1, sorted=False).values
         size = torch.full_like(row_max, float(region.top_k))
         top_shifted = (top - row_max).clamp_(min=torch.finfo(z.dtype).min)
@@ -307,7 +307,7 @@ def _chunk_forward(z: torch.Tensor, region: TrustRegion, stats_top_k: int, with_
         region_mass = region_sum / sum_exp
         # K = 1: logsumexp(z) - max(z), the reference's min-entropy.
         value = sum_exp.log() if _is_min_entropy(region) else region_entropy * _scale(region, vocab, size)
-        saved = (top.amin(dim=-1, keepdim=True), ones, ones, ones)
+        saved = (ones,) * 4
     else:
         nucleus = _nucleus(e, region, ws)
         size, tau = nucleus.size, nucleus.tau
