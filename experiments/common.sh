@@ -2,7 +2,9 @@
 # call `launch [extra hydra overrides]`. The paper's settings live in verl_tre/trainer/config/ (ppo_trainer.yaml
 # and the task/, model/ and method/ presets); a script only picks its task, size and method and sets its
 # coefficients. The caller sets before sourcing: TASK (math|countdown|hh), SIZE (1.5b|7b), METHOD
-# (ppo|forking_tokens|kl_cov|tre_k|tre_p) and ENTROPY_COEFF.
+# (ppo|forking_tokens|kl_cov|tre_k|tre_p) and ENTROPY_COEFF (K, P), each a default the environment can override.
+# The run's name and directory follow from its whole training configuration (trainer.experiment_name=auto), so
+# runs that differ in anything (coefficient, K, P, verl_tre.seed=N, any override) never share a directory.
 #
 # Environment (defaults are the paper's):
 #   MODEL_PATH   actor model (default Qwen/Qwen2.5-1.5B-Instruct or Qwen/Qwen2.5-7B-Instruct)
@@ -60,11 +62,13 @@ launch() {
     "data.train_files=$DATA_DIR/train.parquet"
     "data.val_files=$DATA_DIR/test.parquet"
     "actor_rollout_ref.actor.entropy_coeff=$ENTROPY_COEFF"
-    "trainer.experiment_name=${TASK}_${SIZE}_${METHOD}_ec${ENTROPY_COEFF}"
     "trainer.nnodes=${NNODES:-1}"
     "trainer.n_gpus_per_node=${N_GPUS_PER_NODE:-8}"
     "$@"
   )
+  local effective="ENTROPY_COEFF=$ENTROPY_COEFF"
+  case "$METHOD" in tre_k) effective+=" K=$K" ;; tre_p) effective+=" P=$P" ;; esac
+  echo "[verl_tre] $TASK $SIZE $METHOD: $effective" >&2
   # For tests: print the command's arguments (NUL-separated) instead of running it.
   if [ -n "${VERL_TRE_PRINT_ARGS:-}" ]; then
     printf '%s\0' "${args[@]}"

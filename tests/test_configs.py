@@ -57,7 +57,8 @@ def test_entropy_baseline_and_environment():
     path = REPO / "experiments" / "math" / "7b_ppo.sh"
     args = script_args(path, "trainer.total_epochs=3",
                        env={"MODEL_PATH": "/m", "CRITIC_PATH": "/c", "DATA_DIR": "/d", "N_GPUS_PER_NODE": "4"})
-    text = path.read_text().replace("ENTROPY_COEFF=0.0", "ENTROPY_COEFF=0.002")
+    text = path.read_text().replace('ENTROPY_COEFF="${ENTROPY_COEFF:-0.0}"', 'ENTROPY_COEFF="${ENTROPY_COEFF:-0.002}"')
+    assert text != path.read_text()  # the editable default line
     edited = REPO / "experiments" / "math" / ".edited_7b_ppo.sh"
     edited.write_text(text)
     try:

@@ -124,7 +124,11 @@ def test_tracking_writes_run_record(tmp_path):
     logger.log({"a": 1, "b": np.float32(0.5), "c": torch.tensor(2.0), "text": "skipped", "nan": float("nan")}, step=0)
     logger.log({"a": 2}, step=1)
     summary, lines = _records(tmp_path / "r")
-    assert summary == {"task": "hh", "model": "m", "model_size": "7b", "method": "tre_p", "config": config}
+    from verl_tre.trainer import run_identity
+
+    assert summary == {"task": "hh", "model": "m", "model_size": "7b", "method": "tre_p", "config": config,
+                       **run_identity.summary_fields(config)}
+    assert summary["method_options"] == {"top_p": None, "entropy_coeff": 0.001}
     assert [line["step"] for line in lines] == [0, 1]
     assert lines[0]["metrics"]["a"] == 1.0 and lines[0]["metrics"]["b"] == 0.5 and lines[0]["metrics"]["c"] == 2.0
     assert "text" not in lines[0]["metrics"] and math.isnan(lines[0]["metrics"]["nan"])

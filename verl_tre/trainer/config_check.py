@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 from typing import Any, Callable
 
 from omegaconf import DictConfig, OmegaConf
@@ -43,6 +44,7 @@ class _Checker:
     def __init__(self, config: DictConfig):
         self.config = config
         self.problems: list[str] = []
+        self.hub_problems: dict[str, str | None] = {}  # one hub request per model id
 
     def get(self, key: str) -> Any:
         return OmegaConf.select(self.config, key, default=None)
@@ -216,6 +218,82 @@ def _check_trainer(c: _Checker, launching: bool) -> None:
             c.fail(f"{t}.device", "no CUDA device is visible; on a CPU-only machine pass trainer.device=cpu")
 
 
+def _check_seed(c: _Checker) -> None:
+    from verl_tre.trainer.run_identity import SEED_KEY, SEED_TARGETS
+
+    seed = c.check(SEED_KEY, lambda v: isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2**31,
+                   "an integer in [0, 2**31)")
+    for key in SEED_TARGETS:
+        if c.get(key) != seed:
+            c.fail(key, f"must follow {SEED_KEY} ({seed!r}), which seeds every worker and names the run; "
+                        f"set {SEED_KEY}=<seed> instead of {key}")
+
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def _hub_offline() -> bool:
+    from huggingface_hub import constants
+
+    return constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+
+
+def _hub_problem(repo_id: str, filename: str) -> str | None:
+    """Why the hub repo ``repo_id`` cannot be had (its ``filename`` cached, else one short hub request), or None."""
+    import huggingface_hub
+    from huggingface_hub import errors
+
+    if isinstance(huggingface_hub.try_to_load_from_cache(repo_id, filename), str):
+        return None
+    if _hub_offline():
+        return ("is not in the local Hugging Face cache and the hub is offline (HF_HUB_OFFLINE=1); download it "
+                f"where the hub is reachable (huggingface-cli download {repo_id}) or point the key at a local copy")
+    from huggingface_hub import constants
+
+    try:  # one request, no retries: a launch should not wait half a minute to learn the hub is away
+        huggingface_hub.HfApi(endpoint=constants.ENDPOINT).model_info(repo_id, timeout=10)
+    except (errors.RepositoryNotFoundError, errors.GatedRepoError) as err:
+        return f"is not a model the Hugging Face hub serves to you ({type(err).__name__}); check the id or your token"
+    except Exception as err:  # connection errors come in many types; any of them means "not reachable now"
+        return (f"cannot be fetched: the Hugging Face hub is unreachable ({type(err).__name__}); point the key at "
+                f"a local copy of the model, or set HF_ENDPOINT / a proxy that reaches the hub")
+    return None
+
+
+def _check_model_path(c: _Checker, key: str, needs: tuple[str, ...]) -> None:
+    """A local directory must hold one of ``needs`` (a model config, a tokenizer); a hub id must be reachable."""
+    path = c.get(key)
+    if not isinstance(path, str) or not path or "://" in path:
+        return
+    local = os.path.expanduser(path)
+    if os.path.isdir(local):
+        if not any(os.path.isfile(os.path.join(local, name)) for name in needs):
+            c.fail(key, f"directory {local} holds no {' or '.join(needs)}: not a Hugging Face model folder; "
+                        f"point {key} at the folder that holds it")
+        return
+    if os.path.exists(local) or not _HUB_ID.match(path):
+        c.fail(key, f"{local} is not a directory and not a hub id (org/name); point {key} at a model folder")
+        return
+    if path not in c.hub_problems:
+        c.hub_problems[path] = _hub_problem(path, needs[0])
+    problem = c.hub_problems[path]
+    if problem:
+        c.fail(key, f"hub id {path} {problem}")
+
+
+def _check_models(c: _Checker) -> None:
+    """Fail before Ray starts, not ~70 s later in a worker: every model and tokenizer path must be loadable."""
+    config_files = ("config.json",)
+    _check_model_path(c, "actor_rollout_ref.model.path", config_files)
+    if c.get("algorithm.adv_estimator") == "gae":
+        _check_model_path(c, "critic.model.path", config_files)
+        tokenizer = c.get("critic.model.tokenizer_path")
+        if tokenizer and tokenizer != c.get("critic.model.path"):
+            _check_model_path(c, "critic.model.tokenizer_path", ("tokenizer_config.json", "tokenizer.json"))
+    if c.get("reward_model.enable"):
+        _check_model_path(c, "reward_model.model.path", config_files)
+
+
 def _check_reward(c: _Checker) -> None:
     from verl.workers.reward_manager.registry import REWARD_MANAGER_REGISTRY
 
@@ -246,6 +324,9 @@ def validate(config: DictConfig, launching: bool = True) -> None:
     if c.get("algorithm.adv_estimator") == "gae":
         _check_critic(c, world, seq_len)
     _check_reward(c)
+    _check_seed(c)
+    if launching:
+        _check_models(c)
     if c.problems:
         lines = "\n".join(f"  - {p}" for p in c.problems)
         raise ConfigError(f"invalid trainer configuration ({len(c.problems)} problem(s)):\n{lines}")

@@ -19,7 +19,7 @@ import sys
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from verl_tre.trainer import config_check
+from verl_tre.trainer import config_check, run_identity
 from verl_tre.utils import cpu_mode
 
 config_check.register_resolvers()
@@ -74,11 +74,17 @@ def compose_config(overrides: list[str]) -> DictConfig:
 
 
 def prepare(config: DictConfig, launching: bool) -> list[str]:
-    """Apply CPU mode, resolve and validate ``config`` in place; returns the CPU-mode notes."""
+    """Apply CPU mode, name the run, resolve and validate ``config`` in place; when launching, also refuse to
+    resume a directory whose recorded run differs. Returns the CPU-mode notes."""
     notes = cpu_mode.adjust_config(config)
+    run_identity.assign(config)
     OmegaConf.resolve(config)
     install_extensions()
     config_check.validate(config, launching=launching)
+    if launching:
+        problem = run_identity.resume_problem(config)
+        if problem:
+            raise config_check.ConfigError(problem)
     return notes
 
 
@@ -134,6 +140,8 @@ def run(config: DictConfig) -> None:
     notes = prepare(config, launching=not dry_run)
     for note in notes:
         print(f"[verl_tre] cpu mode: {note}", file=sys.stderr)
+    print(f"[verl_tre] run {config.trainer.experiment_name} (seed {config.verl_tre.seed}) in "
+          f"{run_identity.run_dir(config)}", file=sys.stderr)
     if dry_run:
         print(OmegaConf.to_yaml(config))
         return

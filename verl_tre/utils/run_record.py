@@ -2,7 +2,9 @@
 
 Layout under ``trainer.default_local_dir`` (the run's checkpoint directory):
 
-- ``run.json``: {"task", "model", "model_size", "method", "config"} (config fully resolved), written
+- ``run.json``: {"task", "model", "model_size", "method", "name", "seed", "seed_group", "config_hash",
+  "method_options", "config"} (config fully resolved; the identity fields are explained in
+  verl_tre/trainer/run_identity.py), written
   atomically when the trainer starts (again on resume, same content).
 - ``metrics.jsonl``: one line per ``logger.log`` call of verl's trainer, i.e. per training step, plus step 0 for
   the validation before training: {"step": int, "time": unix seconds, "metrics": {name: float}}. Lines are
@@ -45,6 +47,8 @@ def detect_method(actor: Mapping[str, Any]) -> str:
 
 def run_summary(config: Mapping[str, Any]) -> dict:
     """The run.json content for a resolved config (plain containers)."""
+    from verl_tre.trainer import run_identity
+
     ours = config.get("verl_tre") or {}
     actor_rollout_ref = config["actor_rollout_ref"]
     return {
@@ -52,6 +56,7 @@ def run_summary(config: Mapping[str, Any]) -> dict:
         "model": actor_rollout_ref["model"]["path"],
         "model_size": ours.get("model_size"),
         "method": detect_method(actor_rollout_ref["actor"]),
+        **run_identity.summary_fields(config),
         "config": dict(config),
     }
 
