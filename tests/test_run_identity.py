@@ -47,7 +47,7 @@ def test_every_training_difference_gets_its_own_name():
     for label, overrides in variants.items():
         config = _prepared(overrides)
         names[label] = config.trainer.experiment_name
-        assert config.trainer.default_local_dir == f"checkpoints/verl_tre/{names[label]}"
+        assert config.trainer.default_local_dir == os.path.abspath(f"checkpoints/verl_tre/{names[label]}")
     assert len(set(names.values())) == len(names), names
     assert names["tre_k K=4"].startswith("countdown_1.5b_tre_k_k4_ec0.001_s1_")
     assert names["tre_p cap"].startswith("countdown_1.5b_tre_p_p0.99_cap256_ec0.001_s1_")

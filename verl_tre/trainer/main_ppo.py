@@ -79,6 +79,8 @@ def prepare(config: DictConfig, launching: bool) -> list[str]:
     notes = cpu_mode.adjust_config(config)
     run_identity.assign(config)
     OmegaConf.resolve(config)
+    # Absolute, from the launch directory: Ray workers (which write there) may run in another working directory.
+    config.trainer.default_local_dir = str(run_identity.run_dir(config))
     install_extensions()
     config_check.validate(config, launching=launching)
     if launching:

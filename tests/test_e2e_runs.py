@@ -1,0 +1,80 @@
+"""Runs of verl's real trainer on CPU keep their identity: runs that differ by one override land in two
+directories and two table rows, a seed reproduces a run and another seed changes it, the same configuration
+resumes and a changed one is refused before Ray starts. Slow: one shared Ray start-up, five tiny runs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from trainer_fixtures import cpu_overrides, ray_session, tiny_assets  # noqa: F401  (fixtures)
+from verl_tre import tables
+from verl_tre.runs import read_runs
+from verl_tre.trainer import config_check, main_ppo, run_identity
+
+# Metrics of a training step that depend only on the sampled rollouts and the update (not on wall time).
+DETERMINISTIC = ("response_length/mean", "critic/score/mean", "actor/pg_loss", "actor/entropy", "actor/grad_norm")
+
+
+def _base(assets, *extra):
+    keep = [o for o in cpu_overrides(assets, "unused") if not o.startswith("trainer.default_local_dir")]
+    return keep + ["algorithm.adv_estimator=grpo", "trainer.save_freq=2", "trainer.test_freq=2", *extra]
+
+
+def _train(overrides) -> Path:
+    config = main_ppo.compose_config(overrides)
+    main_ppo.run(config)
+    return run_identity.run_dir(config)
+
+
+def _steps(run_dir) -> dict[int, dict]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    steps: dict[int, dict] = {}
+    for line in lines:
+        record = json.loads(line)
+        steps.setdefault(record["step"], {}).update(record["metrics"])
+    return steps
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_runs_keep_their_identity(ray_session, tiny_assets, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # run directories are relative to the launch directory, as in verl
+    ppo = _train(_base(tiny_assets, "method=ppo"))
+    entropy = _train(_base(tiny_assets, "method=ppo", "actor_rollout_ref.actor.entropy_coeff=0.01"))
+    seed2 = _train(_base(tiny_assets, "method=ppo", "verl_tre.seed=2"))
+    # The same training configuration (project name and length are not part of it), in another project folder.
+    twin = _train(_base(tiny_assets, "method=ppo", "trainer.project_name=twin", "trainer.total_training_steps=1"))
+    assert len({ppo, entropy, seed2, twin}) == 4
+    assert all(d.parent.parent == tmp_path / "checkpoints" for d in (ppo, entropy, seed2, twin))
+
+    summaries = {d: json.loads((d / "run.json").read_text()) for d in (ppo, entropy, seed2, twin)}
+    assert summaries[ppo]["method"] == summaries[seed2]["method"] == "ppo"
+    assert summaries[entropy]["method"] == "entropy"
+    assert summaries[ppo]["seed_group"] == summaries[seed2]["seed_group"] != summaries[entropy]["seed_group"]
+    assert summaries[ppo]["config_hash"] == summaries[twin]["config_hash"]
+    # Seeding: the same seed reproduces step 1 exactly; another seed samples other rollouts.
+    first, again, other = _steps(ppo)[1], _steps(twin)[1], _steps(seed2)[1]
+    assert {k: first[k] for k in DETERMINISTIC} == {k: again[k] for k in DETERMINISTIC}
+    assert any(first[k] != other[k] for k in DETERMINISTIC)
+
+    # The table: the two seeds of PPO in one row, the Entropy run in its own.
+    runs = read_runs([str(ppo), str(entropy), str(seed2)])
+    table = tables.to_markdown(runs, compact=True)
+    rows = {line.split("|")[1].strip(): line for line in table.splitlines() if line.startswith("| ")}
+    ppo_rows = [label for label in rows if label.startswith("PPO")]
+    entropy_rows = [label for label in rows if label.startswith("Entropy")]
+    assert len(ppo_rows) == 1 and "n=2" in rows[ppo_rows[0]], table
+    assert len(entropy_rows) == 1 and "n=" not in rows[entropy_rows[0]], table
+
+    # A changed configuration into PPO's directory is refused before Ray; the same one resumes.
+    pinned = f"trainer.experiment_name={ppo.name}"
+    with pytest.raises(config_check.ConfigError, match=r"actor_rollout_ref\.actor\.optim\.lr: 0\.001 -> 0\.002"):
+        main_ppo.run(main_ppo.compose_config(_base(tiny_assets, "method=ppo", pinned,
+                                                   "actor_rollout_ref.actor.optim.lr=2e-3")))
+    assert _train(_base(tiny_assets, "method=ppo", "trainer.total_training_steps=3")) == ppo
+    steps = _steps(ppo)
+    assert sorted(steps) == [1, 2, 3]  # resumed from the step-2 checkpoint: step 3 is new
+    assert "actor/pg_loss" in steps[3]
