@@ -114,7 +114,10 @@ def _fake_previous_run(config, tmp_path, checkpoint=True):
     """A run directory as the trainer leaves it: run.json of ``config`` and, optionally, a checkpoint tracker."""
     directory = run_identity.run_dir(config)
     directory.mkdir(parents=True)
-    (directory / "run.json").write_text(json.dumps(run_record.run_summary(OmegaConf.to_container(config))))
+    recorded = OmegaConf.to_container(config)
+    for role in (recorded["actor_rollout_ref"]["actor"], recorded["critic"]):
+        role["optim"]["total_training_steps"] = 2  # verl's trainer writes the run's length there before recording
+    (directory / "run.json").write_text(json.dumps(run_record.run_summary(recorded)))
     if checkpoint:
         (directory / "latest_checkpointed_iteration.txt").write_text("2")
     return directory
