@@ -5,7 +5,8 @@
 
 Cases: verl 0.4.1's entropy_from_logits (eager and torch.compile'd), and ours: full entropy, TRE-K (K = 2),
 TRE-P (p = 0.99, exact and capped at 256 like the reference), and the actor's one-pass call (TRE-P value plus the
-logged statistics). Each case runs in a fresh subprocess so that peak memory is its own: on CUDA
+logged statistics); ``*_ref`` cases add the reference statistics every method logs (tail masses outside the top 2
+and 10, the p = 0.99 nucleus size; ``*_ref_no_nucleus`` without the nucleus) to the same call without them. Each case runs in a fresh subprocess so that peak memory is its own: on CUDA
 max_memory_allocated, on CPU the growth of the process's peak resident set (which also counts memory the C
 allocator keeps after a free: +-100 MiB between runs; MALLOC_MMAP_THRESHOLD_=1048576 removes that, at twice the
 time); both are reported above the logits (the logits' gradient included), in MiB and as a multiple of the
@@ -22,7 +23,9 @@ import subprocess
 import sys
 import time
 
-CASES = ("verl_eager", "verl_compiled", "full", "tre_k", "tre_p", "tre_p_cap256", "actor_tre_p")
+CASES = ("verl_eager", "verl_compiled", "full", "tre_k", "tre_p", "tre_p_cap256", "actor_tre_p",
+         "actor_full", "actor_full_ref", "actor_full_ref_no_nucleus", "actor_tre_k", "actor_tre_k_ref", "actor_tre_p_ref")
+_REF = {"reference_top_k": (2, 10), "reference_top_p": 0.99}
 
 
 def _entropy_fn(case: str):
@@ -39,6 +42,12 @@ def _entropy_fn(case: str):
         "tre_p": lambda x: entropy_from_logits(x, top_p=0.99),
         "tre_p_cap256": lambda x: entropy_from_logits(x, top_p=0.99, max_region_size=256),
         "actor_tre_p": lambda x: entropy_terms(x, top_p=0.99).value,
+        "actor_full": lambda x: entropy_terms(x).value,
+        "actor_full_ref": lambda x: entropy_terms(x, **_REF).value,
+        "actor_full_ref_no_nucleus": lambda x: entropy_terms(x, reference_top_k=(2, 10)).value,
+        "actor_tre_k": lambda x: entropy_terms(x, top_k=2).value,
+        "actor_tre_k_ref": lambda x: entropy_terms(x, top_k=2, **_REF).value,
+        "actor_tre_p_ref": lambda x: entropy_terms(x, top_p=0.99, **_REF).value,
     }[case]
 
 
