@@ -215,10 +215,9 @@ def read_run(path: str) -> Run:
     )
 
 
-# How a method option reads in a row label ("TRE-K (K=2, coeff 0.001)"); other options read "name=value".
+# How a method option reads in a row label ("TRE-K (K=2, coeff 0.001)"), in this order; other options read
+# "name=value", after these.
 _OPTION_FORMATS = {
-    "entropy_coeff": "coeff {}",
-    "coeff": "coeff {}",
     "top_k": "K={}",
     "top_p": "p={}",
     "max_size": "cap={}",
@@ -230,7 +229,10 @@ _OPTION_FORMATS = {
     "forking_scope": "scope={}",
     "kl_cov_ratio": "ratio={}",
     "ppo_kl_coef": "KL coef {}",
+    "entropy_coeff": "coeff {}",
+    "coeff": "coeff {}",
 }
+_OPTION_ORDER = {name: i for i, name in enumerate(_OPTION_FORMATS)}
 
 
 @dataclass
@@ -271,7 +273,7 @@ def group_runs(runs: list[Run]) -> list[RunGroup]:
     groups = []
     for method, keys in by_method.items():
         options = {k: members[k][0].method_options for k in keys}
-        names = sorted({n for o in options.values() for n in o})
+        names = sorted({n for o in options.values() for n in o}, key=lambda n: (_OPTION_ORDER.get(n, len(_OPTION_ORDER)), n))
         varying = [n for n in names if len({repr(o.get(n)) for o in options.values()}) > 1]
         for k in keys:
             shown = [_format_option(n, options[k][n]) for n in varying if n in options[k]]
