@@ -21,6 +21,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only; never needs a display
 import matplotlib.pyplot as plt
 import pandas as pd
+from matplotlib.ticker import MaxNLocator
 
 from verl_tre.eval.files import atomic_path
 from verl_tre.runs import TASK_LABELS, Run, RunGroup, group_runs, print_note, read_runs
@@ -91,6 +92,7 @@ def plot_group(
             drawn = True
         ax.set_title(panel)
         ax.set_xlabel("training step")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
         if drawn:
