@@ -1,7 +1,7 @@
 """Read the local records of training runs: ``run.json`` and ``metrics.jsonl`` in each run directory.
 
 ``metrics.jsonl`` holds one JSON object per training step, ``{"step", "time", "metrics": {name: value}}``
-with verl's metric names plus the project's (``actor/entropy_full``, ``actor/tre_value``, ...);
+with verl's metric names plus the project's (``actor/ref/entropy_full``, ``actor/regularizer/value``, ...);
 ``run.json`` holds ``task``, ``model``, ``model_size``, ``method`` and the resolved ``config``, and in newer records
 ``seed``, ``seed_group`` (equal for runs that differ only in the seed), ``method_options`` and ``config_hash``.
 ``group_runs`` gathers the runs of one seed group for the tables and plots. Both files are read tolerantly: a truncated last line (a run killed mid-write) is dropped, a step logged twice (a run
