@@ -2,10 +2,12 @@
 
     python benchmarks/bench_entropy.py                      # CPU, fp32, N = 256 and 1024, V = 151,936
     python benchmarks/bench_entropy.py --device cuda --dtype bf16 --n 4096,16384
+    python benchmarks/bench_entropy.py --reference-overhead --n 128   # cost of the reference statistics
 
 Cases: verl 0.4.1's entropy_from_logits (eager and torch.compile'd), and ours: full entropy, TRE-K (K = 2),
 TRE-P (p = 0.99, exact and capped at 256 like the reference), and the actor's one-pass call (TRE-P value plus the
-logged statistics). Each case runs in a fresh subprocess so that peak memory is its own: on CUDA
+logged statistics); ``*_ref`` cases add the reference statistics every method logs (tail masses outside the top 2
+and 10, the p = 0.99 nucleus size; ``*_ref_no_nucleus`` without the nucleus) to the same call without them. Each case runs in a fresh subprocess so that peak memory is its own: on CUDA
 max_memory_allocated, on CPU the growth of the process's peak resident set (which also counts memory the C
 allocator keeps after a free: +-100 MiB between runs; MALLOC_MMAP_THRESHOLD_=1048576 removes that, at twice the
 time); both are reported above the logits (the logits' gradient included), in MiB and as a multiple of the
@@ -22,7 +24,9 @@ import subprocess
 import sys
 import time
 
-CASES = ("verl_eager", "verl_compiled", "full", "tre_k", "tre_p", "tre_p_cap256", "actor_tre_p")
+CASES = ("verl_eager", "verl_compiled", "full", "tre_k", "tre_p", "tre_p_cap256", "actor_tre_p",
+         "actor_full", "actor_full_ref", "actor_full_ref_no_nucleus", "actor_tre_k", "actor_tre_k_ref", "actor_tre_p_ref")
+_REF = {"reference_top_k": (2, 10), "reference_top_p": 0.99}
 
 
 def _entropy_fn(case: str):
@@ -39,6 +43,12 @@ def _entropy_fn(case: str):
         "tre_p": lambda x: entropy_from_logits(x, top_p=0.99),
         "tre_p_cap256": lambda x: entropy_from_logits(x, top_p=0.99, max_region_size=256),
         "actor_tre_p": lambda x: entropy_terms(x, top_p=0.99).value,
+        "actor_full": lambda x: entropy_terms(x).value,
+        "actor_full_ref": lambda x: entropy_terms(x, **_REF).value,
+        "actor_full_ref_no_nucleus": lambda x: entropy_terms(x, reference_top_k=(2, 10)).value,
+        "actor_tre_k": lambda x: entropy_terms(x, top_k=2).value,
+        "actor_tre_k_ref": lambda x: entropy_terms(x, top_k=2, **_REF).value,
+        "actor_tre_p_ref": lambda x: entropy_terms(x, top_p=0.99, **_REF).value,
     }[case]
 
 
@@ -86,6 +96,41 @@ def run_one(case: str, n: int, vocab: int, dtype_name: str, device: str, repeat:
     return {"ms": min(times) * 1e3, "peak_mib": peak / 2**20, "logits_mib": logits_bytes / 2**20}
 
 
+def reference_overhead(n: int, vocab: int, dtype_name: str, device: str, repeat: int) -> None:
+    """Prints the no-grad forward time (what the actor spends on statistics at entropy_coeff = 0) of each
+    regularizer's one-pass call with and without the reference statistics, and their ratio. The calls alternate in
+    one process and each keeps its best of ``repeat`` rounds, so a machine whose load drifts still gives fair
+    ratios."""
+    import torch
+
+    from verl_tre.utils.torch_functional import entropy_terms
+
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
+    x = _llm_like_logits(n, vocab, dtype, device).detach()
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    ref = {"reference_top_k": (2, 10), "reference_top_p": 0.99}
+    cases = {}
+    for name, kw in (("full", {}), ("tre_k", {"top_k": 2}), ("tre_p", {"top_p": 0.99})):
+        cases[name] = kw
+        cases[f"{name}+ref"] = {**kw, **ref}
+        cases[f"{name}+ref_no_nucleus"] = {**kw, "reference_top_k": (2, 10)}
+    best = dict.fromkeys(cases, float("inf"))
+    with torch.no_grad():
+        for round_ in range(repeat + 1):  # round 0 warms up
+            for name, kw in cases.items():
+                sync()
+                start = time.perf_counter()
+                entropy_terms(x, **kw)
+                sync()
+                if round_:
+                    best[name] = min(best[name], time.perf_counter() - start)
+    print(f"# reference statistics (K = 2, 10; p = 0.99), no-grad forward, N = {n}, best of {repeat}, interleaved")
+    for name in ("full", "tre_k", "tre_p"):
+        base = best[name]
+        print(f"{name:<6} {base * 1e3:9.1f} ms   +ref {best[name + '+ref'] / base:5.2f}x   "
+              f"+ref without nucleus {best[name + '+ref_no_nucleus'] / base:5.2f}x")
+
+
 def _goals(results: dict, device: str, dtype: str) -> list[str]:
     lines = []
 
@@ -128,7 +173,12 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--cases", default=",".join(CASES), help=f"comma-separated subset of {', '.join(CASES)}")
     parser.add_argument("--one", nargs=2, metavar=("CASE", "N"), help=argparse.SUPPRESS)  # subprocess mode
+    parser.add_argument("--reference-overhead", action="store_true", help="time the reference statistics instead (first N)")
     args = parser.parse_args()
+
+    if args.reference_overhead:
+        reference_overhead(int(args.n.split(",")[0]), args.vocab, args.dtype, args.device, args.repeat)
+        return
 
     if args.one:
         print(json.dumps(run_one(args.one[0], int(args.one[1]), args.vocab, args.dtype, args.device, args.repeat)))

@@ -56,7 +56,8 @@ def actor_config(method: str, remove_padding: bool):
         use_fused_kernels=False,
         use_torch_compile=False,
         entropy_coeff=0.0,
-        trust_region={"mode": "full", "top_k": 2, "top_p": 0.99, "max_size": None, "scale": True, "metrics": True, "metrics_top_k": 1},
+        trust_region={"mode": "full", "top_k": 2, "top_p": 0.99, "max_size": None, "scale": True, "metrics": True,
+                      "reference_top_k": [2, 10], "reference_top_p": 0.99},
         forking_tokens={"enable": False, "top_ratio": 0.2, "scope": "micro_batch"},
     )
     return OmegaConf.merge(OmegaConf.create(cfg), OmegaConf.create(METHODS[method]))
@@ -171,7 +172,7 @@ def test_update_policy_matches_hand_computed_loss(method, remove_padding):
     assert metrics["actor/policy_loss"] == pytest.approx(expected, rel=1e-3, abs=1e-3 if remove_padding else 1e-5)
     assert any(not torch.equal(b, p) for b, p in zip(before, model.parameters()))
 
-    names = ["entropy_full", "tre_value", "region_mass", "region_size", "topk_prob", "tail_mass", "pg_loss", "grad_norm"]
+    names = ["ref/entropy_full", "regularizer/value", "ref/top1_prob", "ref/tail_mass_top2", "pg_loss", "grad_norm"]
     if method.startswith("forking"):
         names += ["forking_threshold", "forking_kept_frac"]
     if method == "kl_cov":
@@ -182,9 +183,9 @@ def test_update_policy_matches_hand_computed_loss(method, remove_padding):
     if method.startswith("forking"):
         assert all(0 < f <= 0.5 for f in metrics["actor/forking_kept_frac"])
     if method == "tre_p":
-        assert all(1 <= s <= VOCAB for s in metrics["actor/region_size"])
+        assert all(1 <= s <= VOCAB for s in metrics["actor/regularizer/region_size"])
     if method == "ppo":
-        torch.testing.assert_close(torch.tensor(metrics["actor/tre_value"]), torch.tensor(metrics["actor/entropy_full"]))
+        torch.testing.assert_close(torch.tensor(metrics["actor/regularizer/value"]), torch.tensor(metrics["actor/ref/entropy_full"]))
 
 
 def test_padded_and_remove_padding_paths_agree():
@@ -235,5 +236,5 @@ def test_dynamic_batch_size_update(remove_padding):
     before = [p.detach().clone() for p in model.parameters()]
     metrics = actor.update_policy(data)
     assert len(metrics["actor/policy_loss"]) >= 2  # the token budget split the mini-batch
-    assert all(math.isfinite(v) for v in metrics["actor/policy_loss"] + metrics["actor/tre_value"])
+    assert all(math.isfinite(v) for v in metrics["actor/policy_loss"] + metrics["actor/regularizer/value"])
     assert any(not torch.equal(b, p) for b, p in zip(before, model.parameters()))

@@ -15,8 +15,9 @@ import pytest
 from trainer_fixtures import cpu_overrides, ray_session, tiny_assets  # noqa: F401  (fixtures)
 from verl_tre.utils import run_record
 
-REGION_METRICS = ("actor/entropy_full", "actor/tre_value", "actor/region_mass", "actor/region_size",
-                  "actor/topk_prob", "actor/tail_mass")
+# The reference statistics every method logs, and the regularizer's own value.
+REGION_METRICS = ("actor/ref/entropy_full", "actor/ref/top1_prob", "actor/ref/tail_mass_top2", "actor/ref/tail_mass_top10",
+                  "actor/ref/nucleus_size_p0.99", "actor/regularizer/value")
 # method -> (overrides, metrics beyond the region metrics that must be logged)
 METHODS = {
     "ppo": (["method=ppo"], ()),
@@ -66,7 +67,7 @@ def test_grpo_every_method(method, ray_session, tiny_assets, tmp_path):
         _assert_finite(step, REGION_METRICS + extra + ("actor/pg_loss", "critic/score/mean"))
     if method.startswith(("tre_k", "tre_p")):
         # TRE-K with K = 2 keeps exactly two tokens; TRE-P's nucleus is at least the top token.
-        size = steps[0]["metrics"]["actor/region_size"]
+        size = steps[0]["metrics"]["actor/regularizer/region_size"]
         assert size == 2 if method.startswith("tre_k") else size >= 1
 
 

@@ -101,7 +101,7 @@ def test_cells_average_several_runs_and_mark_runs_without_validation(tmp_path):
             f.write(json.dumps(rec) + "\n")
     runs = read_runs([str(tmp_path)])
     _, _, cells = tables.build_cells(runs)
-    cell = cells[("tre_k", "countdown", None)]
+    cell = cells[("TRE-K", "countdown", None)]  # older records (no seed fields): grouped by method, task and size
     assert len(cell.runs) == 3 and cell.scores.count(None) == 1
     text = tables.format_cell(cell, "countdown")
     assert text == f"{100 * val_values(TRE_K)[-1]:.2f} ± 0.00 (n=2) [1 no val]"
@@ -125,7 +125,7 @@ def test_plots_one_figure_per_task_and_size_with_missing_panels_marked(tmp_path)
     img = mpimg.imread(paths[0] if paths[0].endswith("png") else paths[1])
     assert img.shape[0] > 500 and img.shape[1] > 1000
     assert open(next(p for p in paths if p.endswith(".pdf")), "rb").read(4) == b"%PDF"
-    # A run that never logged the TRE value: that panel says so, the others carry its line.
+    # A run that never logged the regularizer's value: that panel says so, the others carry its line.
     bare = tmp_path / "bare_ppo"
     bare.mkdir()
     with open(bare / "metrics.jsonl", "w") as f:
@@ -135,7 +135,7 @@ def test_plots_one_figure_per_task_and_size_with_missing_panels_marked(tmp_path)
     shutil.copy(os.path.join(PPO, "run.json"), bare / "run.json")
     fig = plots.plot_group(read_runs([str(bare)]), "PPO only")
     panel = {ax.get_title(): ax for ax in fig.axes}
-    assert [t.get_text() for t in panel["TRE value"].texts] == ["not logged"]
+    assert [t.get_text() for t in panel["Regularizer value (method-specific)"].texts] == ["not logged"]
     assert len(panel["Training reward"].lines) == 1 and not panel["Training reward"].texts
     xs, ys = panel["Validation score"].lines[0].get_data()
     assert list(ys) == pytest.approx(val_values(PPO))

@@ -1,10 +1,12 @@
-"""Training curves per (task, model size), one line per method, as PNG and PDF.
+"""Training curves per (task, model size), one line per seed group, as PNG and PDF.
 
 ``python -m verl_tre.plots RUN_DIRS... --out DIR [--smooth W]``
 
-Panels: training reward, validation score, full entropy, TRE value, top-1 probability and tail mass.
-Several runs of one method (seeds) are drawn as their mean with a min-max band; a metric no run logged
-leaves its panel marked "not logged".
+Panels: training reward, validation score, response length and the reference statistics (full entropy, top-1
+probability, mass outside the top 2 and top 10 tokens, p = 0.99 nucleus size), which mean the same for every
+method, and last the regularizer's own value, labelled as method-specific. A seed group (runs that differ only in
+the seed, see verl_tre.runs.group_runs) is drawn as the mean over its seeds with a min-max band, its legend entry
+saying n; a metric no run logged leaves its panel marked "not logged".
 """
 
 from __future__ import annotations
@@ -19,19 +21,25 @@ import matplotlib
 matplotlib.use("Agg")  # files only; never needs a display
 import matplotlib.pyplot as plt
 import pandas as pd
+from matplotlib.ticker import MaxNLocator
 
 from verl_tre.eval.files import atomic_path
-from verl_tre.runs import METHODS, TASK_LABELS, Run, print_note, read_runs
+from verl_tre.runs import TASK_LABELS, Run, RunGroup, group_runs, print_note, read_runs
 
-# (title, metric names tried in order); None stands for the run's core validation key.
-PANELS: list[tuple[str, tuple[str, ...] | None]] = [
-    ("Training reward", ("critic/score/mean",)),
-    ("Validation score", None),
-    ("Full entropy (nats)", ("actor/entropy_full", "actor/entropy")),
-    ("TRE value", ("actor/tre_value",)),
-    ("Top-1 probability", ("actor/topk_prob",)),
-    ("Tail mass", ("actor/tail_mass",)),
+# (title, y-axis label with units, metric names tried in order); None stands for the run's core validation key.
+# Older records' names come second where they meant the same for every method.
+PANELS: list[tuple[str, str, tuple[str, ...] | None]] = [
+    ("Training reward", "mean reward per response", ("critic/score/mean",)),
+    ("Validation score", "score (0/1 tasks: fraction correct)", None),
+    ("Response length", "tokens", ("response_length/mean",)),
+    ("Full entropy", "nats", ("actor/ref/entropy_full", "actor/entropy_full")),
+    ("Top-1 probability", "probability", ("actor/ref/top1_prob",)),
+    ("Mass outside the top 2 tokens", "probability", ("actor/ref/tail_mass_top2",)),
+    ("Mass outside the top 10 tokens", "probability", ("actor/ref/tail_mass_top10",)),
+    ("Nucleus size, p = 0.99", "tokens", ("actor/ref/nucleus_size_p0.99",)),
+    ("Regularizer value (method-specific)", "value of each method's own term", ("actor/regularizer/value", "actor/tre_value")),
 ]
+LINESTYLES = ("-", "--", ":", "-.")
 COLORS = {
     "ppo": "#7f7f7f",
     "entropy": "#d62728",
@@ -49,38 +57,49 @@ def _run_series(run: Run, names: tuple[str, ...] | None, data_source: str | None
     return run.series(*names)
 
 
-def plot_group(runs: list[Run], title: str, smooth: int = 1, data_source: str | None = None) -> plt.Figure:
-    """One figure (2 x 3 panels) for runs sharing a task and model size."""
-    fig, axes = plt.subplots(2, 3, figsize=(15, 8), constrained_layout=True)
-    by_method: dict[str, list[Run]] = defaultdict(list)
-    for r in runs:
-        by_method[r.method or "unknown"].append(r)
-    order = [m for m in METHODS if m in by_method] + sorted(set(by_method) - set(METHODS))
-    for ax, (panel, names) in zip(axes.flat, PANELS):
+def _styles(groups: list[RunGroup]) -> list[tuple[str | None, str]]:
+    """(color, line style) per group: the method's color, a new line style for each further group of a method."""
+    seen: dict[str, int] = defaultdict(int)
+    styles = []
+    for g in groups:
+        styles.append((COLORS.get(g.method), LINESTYLES[seen[g.method] % len(LINESTYLES)]))
+        seen[g.method] += 1
+    return styles
+
+
+def plot_group(
+    runs: list[Run], title: str, smooth: int = 1, data_source: str | None = None, groups: list[RunGroup] | None = None
+) -> plt.Figure:
+    """One figure (3 x 3 panels) for runs sharing a task and model size; ``groups``: their seed groups (default:
+    group_runs(runs), whose labels name the options that differ among these runs only)."""
+    groups = group_runs(runs) if groups is None else groups
+    fig, axes = plt.subplots(3, 3, figsize=(16, 12), constrained_layout=True)
+    for ax, (panel, ylabel, names) in zip(axes.flat, PANELS):
         drawn = False
-        for method in order:
-            series = [s for r in by_method[method] if (s := _run_series(r, names, data_source)) is not None]
+        for g, (color, style) in zip(groups, _styles(groups)):
+            series = [s for r in g.runs if (s := _run_series(r, names, data_source)) is not None]
             if not series:
                 continue
             frame = pd.concat(series, axis=1).sort_index()
             if smooth > 1:
                 frame = frame.rolling(smooth, min_periods=1).mean()
-            label = METHODS.get(method, method) + (f" (n={len(series)})" if len(series) > 1 else "")
-            color = COLORS.get(method)
             mean = frame.mean(axis=1)
             # Validation happens every few steps: markers keep sparse curves readable.
-            ax.plot(mean.index, mean.values, label=label, color=color, marker="o" if names is None else None, ms=3)
+            ax.plot(mean.index, mean.values, label=f"{g.label} (n={len(series)})", color=color, ls=style,
+                    marker="o" if names is None else None, ms=3)
             if len(series) > 1:
                 ax.fill_between(frame.index, frame.min(axis=1), frame.max(axis=1), color=color, alpha=0.2, lw=0)
             drawn = True
         ax.set_title(panel)
-        ax.set_xlabel("step")
+        ax.set_xlabel("training step")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
         if drawn:
             ax.legend(fontsize=8)
         else:
             ax.text(0.5, 0.5, "not logged", ha="center", va="center", transform=ax.transAxes, color="gray")
-    fig.suptitle(title)
+    fig.suptitle(f"{title}: mean over seeds (n per line), band min-max; token means over the responses")
     return fig
 
 
@@ -101,13 +120,17 @@ def make_plots(runs: list[Run], out_dir: str, smooth: int = 1, data_source: str 
     model size under "other_size"); returns the paths."""
     if smooth < 1:
         raise ValueError(f"smooth is a window length in steps and must be >= 1, got {smooth}")
-    groups: dict[tuple[str, str], list[Run]] = defaultdict(list)
+    figures: dict[tuple[str, str], list[Run]] = defaultdict(list)
     for r in runs:
-        groups[(r.task or "unknown", r.size_label)].append(r)
+        figures[(r.task or "unknown", r.size_label)].append(r)
+    # Labels over all runs, so a line reads the same in every figure and the table.
+    seed_groups = group_runs(runs)
     paths = []
-    for (task, size), members in sorted(groups.items()):
+    for (task, size), members in sorted(figures.items()):
         title = f"{TASK_LABELS.get(task, task)}, {size}"
-        fig = plot_group(members, title, smooth=smooth, data_source=data_source)
+        ids = {id(r) for r in members}
+        mine = [g for g in seed_groups if id(g.runs[0]) in ids]
+        fig = plot_group(members, title, smooth=smooth, data_source=data_source, groups=mine)
         paths += save_figure(fig, os.path.join(out_dir, f"{task}_{size.replace(' ', '_')}"))
     return paths
 

@@ -1,9 +1,10 @@
 """Read the local records of training runs: ``run.json`` and ``metrics.jsonl`` in each run directory.
 
 ``metrics.jsonl`` holds one JSON object per training step, ``{"step", "time", "metrics": {name: value}}``
-with verl's metric names plus the project's (``actor/entropy_full``, ``actor/tre_value``, ...);
-``run.json`` holds ``task``, ``model``, ``model_size``, ``method`` and the resolved ``config``. Both are
-read tolerantly: a truncated last line (a run killed mid-write) is dropped, a step logged twice (a run
+with verl's metric names plus the project's (``actor/ref/entropy_full``, ``actor/regularizer/value``, ...);
+``run.json`` holds ``task``, ``model``, ``model_size``, ``method`` and the resolved ``config``, and in newer records
+``seed``, ``seed_group`` (equal for runs that differ only in the seed), ``method_options`` and ``config_hash``.
+``group_runs`` gathers the runs of one seed group for the tables and plots. Both files are read tolerantly: a truncated last line (a run killed mid-write) is dropped, a step logged twice (a run
 resumed from a checkpoint) keeps the last value of each metric, and fields missing from ``run.json`` are inferred from
 the config, the model name or the directory name.
 """
@@ -54,6 +55,10 @@ class Run:
     config: dict[str, Any]
     metrics: pd.DataFrame
     notes: list[str] = field(default_factory=list)
+    seed: int | None = None
+    seed_group: str | None = None
+    method_options: dict[str, Any] = field(default_factory=dict)
+    config_hash: str | None = None
 
     @property
     def name(self) -> str:
@@ -203,7 +208,97 @@ def read_run(path: str) -> Run:
         config=config,
         metrics=metrics,
         notes=notes,
+        seed=info.get("seed"),
+        seed_group=info.get("seed_group"),
+        method_options=dict(info.get("method_options") or {}),
+        config_hash=info.get("config_hash"),
     )
+
+
+# How a method option reads in a row label ("TRE-K (K=2, coeff 0.001)"), in this order; other options read
+# "name=value", after these.
+_OPTION_FORMATS = {
+    "top_k": "K={}",
+    "top_p": "p={}",
+    "max_size": "cap={}",
+    "max_region_size": "cap={}",
+    "scale": "scale={}",
+    "top_ratio": "ratio={}",
+    "forking_ratio": "ratio={}",
+    "scope": "scope={}",
+    "forking_scope": "scope={}",
+    "kl_cov_ratio": "ratio={}",
+    "ppo_kl_coef": "KL coef {}",
+    "entropy_coeff": "coeff {}",
+    "coeff": "coeff {}",
+}
+_OPTION_ORDER = {name: i for i, name in enumerate(_OPTION_FORMATS)}
+
+
+@dataclass
+class RunGroup:
+    """Runs that differ only in the seed (one ``seed_group``), or the older records of one method, task and model
+    size, which carry no seed fields and are grouped as before. ``label``: the method plus the options that tell
+    this group apart from the method's other groups."""
+
+    key: str
+    method: str
+    task: str
+    model_size: str | None
+    label: str
+    runs: list[Run]
+    sort_key: tuple = ()
+
+    @property
+    def n(self) -> int:
+        return len(self.runs)
+
+
+def _format_option(name: str, value: Any) -> str:
+    text = f"{value:g}" if isinstance(value, float) else str(value)
+    return _OPTION_FORMATS.get(name, name + "={}").format(text)
+
+
+def group_runs(runs: list[Run]) -> list[RunGroup]:
+    """Seed groups of ``runs`` in the paper's method order, labelled by method plus the method options whose values
+    differ between that method's groups; groups whose labels would still coincide (they differ in something
+    outside the method options, such as the learning rate) get their seed group appended."""
+    members: dict[str, list[Run]] = {}
+    for r in runs:
+        key = f"seed_group:{r.seed_group}" if r.seed_group else f"legacy:{r.method}:{r.task}:{r.model_size}"
+        members.setdefault(key, []).append(r)
+    by_method: dict[str, list[str]] = {}
+    for key, rs in members.items():
+        by_method.setdefault(rs[0].method or "unknown", []).append(key)
+    groups = []
+    for method, keys in by_method.items():
+        options = {k: members[k][0].method_options for k in keys}
+        names = sorted({n for o in options.values() for n in o}, key=lambda n: (_OPTION_ORDER.get(n, len(_OPTION_ORDER)), n))
+        varying = [n for n in names if len({repr(o.get(n)) for o in options.values()}) > 1]
+        for k in keys:
+            shown = [_format_option(n, options[k][n]) for n in varying if n in options[k]]
+            label = METHODS.get(method, method) + (f" ({', '.join(shown)})" if shown else "")
+            first = members[k][0]
+            order = tuple(_sortable(options[k].get(n)) for n in varying)
+            groups.append(RunGroup(k, method, first.task or "unknown", first.model_size, label, members[k], order))
+    # The same label in the same (task, size) for two seed groups: name the seed groups.
+    seen: dict[tuple, list[RunGroup]] = {}
+    for g in groups:
+        seen.setdefault((g.label, g.task, g.model_size), []).append(g)
+    for clash in (c for c in seen.values() if len(c) > 1):
+        for g in clash:
+            g.label += f" [{g.runs[0].seed_group or g.runs[0].name}]"
+    order = {m: i for i, m in enumerate(METHODS)}
+    return sorted(groups, key=lambda g: (order.get(g.method, len(order)), g.method, g.sort_key, g.label))
+
+
+def _sortable(value: Any) -> tuple:
+    """Numbers in numeric order (K=2 before K=10), then everything else as text, a missing option first."""
+    if value is None:
+        return (0, 0.0, "")
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return (1, float(value), "")
+    return (2, 0.0, str(value))
 
 
 def find_run_dirs(paths: list[str]) -> list[str]:

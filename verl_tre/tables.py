@@ -2,22 +2,28 @@
 
 ``python -m verl_tre.tables RUN_DIRS... [--pick final|best] [--out-dir DIR]``
 
-A cell is a run's validation score at its last validation (``final``) or its best one (``best``), averaged
-over the runs that share the cell (mean ± std and the count when there are several). MATH and Countdown
-rewards are 0/1, shown as percentages; HH shows the reward model's score. The paper's recovered figures are
-listed beside our best cell per task.
+A row is a method plus the method options that tell its runs apart ("TRE-K (K=2, coeff 0.001)"); a cell is a
+run's validation score at its last validation (``final``) or its best one (``best``), averaged over the seeds of
+one seed group (runs that differ only in the seed: mean ± sample sd and n when there are several; older records
+without seed fields are grouped by method, task and size). MATH and Countdown rewards are 0/1, shown as
+percentages; HH shows the reward model's score. The paper's recovered figures are listed beside our best cell per
+task. A second table gives each group's training statistics at its last logged step, all of them quantities that
+mean the same for every method (the reference statistics, response length), and the regularizer's own value,
+labelled as method-specific.
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
+import math
 import os
+import re
 import statistics
+import sys
 from dataclasses import dataclass
 
 from verl_tre.eval.files import write_text
-from verl_tre.runs import METHODS, MODEL_SIZES, TASK_LABELS, TASKS, Run, print_note, read_runs
+from verl_tre.runs import METHODS, MODEL_SIZES, TASK_LABELS, TASKS, Run, group_runs, print_note, read_runs
 
 PERCENT_TASKS = {"math", "countdown"}  # 0/1 rewards: mean reward is pass@1, shown in percent
 # Published numbers recovered so far (best entries; model size not recovered): task -> (metric, value).
@@ -55,15 +61,28 @@ def run_score(run: Run, pick: str = "final", data_source: str | None = None) -> 
     return value * 100 if run.task in PERCENT_TASKS else value
 
 
+def _row_labels(groups, compact: bool) -> list[str]:
+    """Row labels: each group's, in the paper's method order; a paper method without runs keeps a row of its own
+    (unless ``compact``) so gaps stay visible."""
+    rows: list[str] = []
+    present = {g.method for g in groups}
+    for method in [*METHODS, *sorted(present - set(METHODS))]:
+        labels = [g.label for g in groups if g.method == method]
+        if not labels and not compact and method in METHODS:
+            labels = [METHODS[method]]
+        rows += list(dict.fromkeys(labels))
+    return rows
+
+
 def build_cells(
     runs: list[Run], pick: str = "final", data_source: str | None = None, compact: bool = False
 ) -> tuple[list[str], list[tuple[str, str | None]], dict[tuple[str, str, str | None], Cell]]:
-    """(row methods, (task, size) columns grouped by task, cells). Rows and columns include the paper's six
-    methods and six task x size combinations, so gaps stay visible, plus any others the runs have;
-    ``compact`` keeps only rows and columns that have runs."""
-    present_methods = {r.method or "unknown" for r in runs}
+    """(row labels, (task, size) columns grouped by task, cells keyed by (row label, task, size)). A row is a seed
+    group's label (see verl_tre.runs.group_runs); rows and columns include the paper's six methods and six task x
+    size combinations, so gaps stay visible, plus any others the runs have; ``compact`` keeps only rows and
+    columns that have runs."""
+    groups = group_runs(runs)
     present_columns = {(r.task or "unknown", r.model_size) for r in runs}
-    methods = list(METHODS) + sorted(present_methods - set(METHODS))
     columns = [(t, s) for t in TASKS for s in MODEL_SIZES] + sorted(
         present_columns - {(t, s) for t in TASKS for s in MODEL_SIZES}, key=str
     )
@@ -71,15 +90,11 @@ def build_cells(
     task_order = {t: i for i, t in enumerate(dict.fromkeys([*TASKS, *(t for t, _ in columns)]))}
     columns.sort(key=lambda c: (task_order[c[0]], MODEL_SIZES.index(c[1]) if c[1] in MODEL_SIZES else len(MODEL_SIZES)))
     if compact:
-        methods = [m for m in methods if m in present_methods]
         columns = [c for c in columns if c in present_columns]
     cells: dict[tuple[str, str, str | None], Cell] = {}
-    for r in runs:
-        key = (r.method or "unknown", r.task or "unknown", r.model_size)
-        cell = cells.setdefault(key, Cell([], []))
-        cell.runs.append(r)
-        cell.scores.append(run_score(r, pick, data_source))
-    return methods, columns, cells
+    for g in groups:
+        cells[(g.label, g.task, g.model_size)] = Cell(list(g.runs), [run_score(r, pick, data_source) for r in g.runs])
+    return _row_labels(groups, compact), columns, cells
 
 
 def _digits(task: str) -> int:
@@ -87,7 +102,8 @@ def _digits(task: str) -> int:
 
 
 def format_cell(cell: Cell | None, task: str, pm: str = "±") -> str:
-    """Text of one cell: the mean, ``± std (n=...)`` over several runs, or a marker when missing."""
+    """Text of one cell: the mean, ``± sd (n=...)`` over several seeds (a bare number is one run), or a marker
+    when missing."""
     if cell is None:
         return NO_RUN
     vals = cell.values
@@ -107,7 +123,7 @@ def _column_label(task: str, size: str | None) -> str:
 
 
 def paper_comparison(cells: dict[tuple[str, str, str | None], Cell]) -> list[tuple[str, str, str, str]]:
-    """Rows (task, metric, paper's figure, our best cell with its method and size) for tasks with a figure."""
+    """Rows (task, metric, paper's figure, our best cell with its row label and size) for tasks with a figure."""
     rows = []
     for task, (metric, value) in PAPER.items():
         ours = [(c.mean, m, s) for (m, t, s), c in cells.items() if t == task and c.mean is not None]
@@ -118,7 +134,7 @@ def paper_comparison(cells: dict[tuple[str, str, str | None], Cell]) -> list[tup
                 TASK_LABELS[task],
                 metric,
                 f"{value:.{d}f}",
-                f"{best[0]:.{d}f} ({METHODS.get(best[1], best[1])}, {best[2] or 'other size'})" if best else NO_RUN,
+                f"{best[0]:.{d}f} ({best[1]}, {best[2] or 'other size'})" if best else NO_RUN,
             )
         )
     return rows
@@ -137,18 +153,77 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> str:
 
 def to_markdown(runs: list[Run], pick: str = "final", data_source: str | None = None, compact: bool = False) -> str:
     """The results table and the paper comparison, in Markdown."""
-    methods, columns, cells = build_cells(runs, pick, data_source, compact)
+    rows, columns, cells = build_cells(runs, pick, data_source, compact)
     header = ["Method", *(_column_label(t, s) for t, s in columns)]
-    body = [[METHODS.get(m, m), *(format_cell(cells.get((m, t, s)), t) for t, s in columns)] for m in methods]
+    body = [[label, *(format_cell(cells.get((label, t, s)), t) for t, s in columns)] for label in rows]
     paper = paper_comparison(cells)
-    return (
-        f"Validation score ({pick}); MATH and Countdown in %, HH reward-model score. "
-        f"{NO_RUN} no run, '{NO_VAL}' run without validation.\n\n"
+    text = (
+        f"Validation score ({pick}); MATH and Countdown in %, HH reward-model score; mean ± sd over seeds (n), "
+        f"a bare number is one run. {NO_RUN} no run, '{NO_VAL}' run without validation.\n\n"
         + markdown_table(header, body)
         + "\n\nPaper's recovered figures beside our best cell:\n\n"
         + markdown_table(["Task", "Metric", "Paper", "Ours (best cell)"], [list(r) for r in paper])
         + "\n"
     )
+    stats = statistics_rows(runs)
+    if stats:
+        text += (
+            "\nTraining statistics at the last logged step (token means over the responses; mean ± sd over seeds). "
+            "The reference statistics use the same fixed regions for every method; the regularizer's value is "
+            "each method's own quantity and not comparable across methods.\n\n" + markdown_table(*stats) + "\n"
+        )
+    return text
+
+
+# (column header, metric names tried in order, digits): quantities that mean the same for every method, then the
+# regularizer's own value. Tail-mass and nucleus columns follow the reference regions the runs logged.
+_FIXED_STATS = (
+    ("Entropy (nats)", ("actor/ref/entropy_full", "actor/entropy_full"), 3),
+    ("Top-1 probability", ("actor/ref/top1_prob",), 3),
+)
+_LAST_STATS = (
+    ("Response length (tokens)", ("response_length/mean",), 1),
+    ("Regularizer value (method-specific)", ("actor/regularizer/value", "actor/tre_value"), 3),
+)
+_TAIL = re.compile(r"^actor/ref/tail_mass_top(\d+)$")
+_NUCLEUS = re.compile(r"^actor/ref/nucleus_size_p(.+)$")
+
+
+def statistic_columns(runs: list[Run]) -> list[tuple[str, tuple[str, ...], int]]:
+    """(header, metric names, digits) of the statistics table, for the reference regions present in ``runs``."""
+    names = {c for r in runs for c in r.metrics.columns}
+    tails = sorted((int(m[1]), n) for n in names if (m := _TAIL.match(n)))
+    nuclei = sorted((float(m[1]), n) for n in names if (m := _NUCLEUS.match(n)))
+    return [
+        *_FIXED_STATS,
+        *((f"Mass outside top {k}", (n,), 4) for k, n in tails),
+        *((f"Nucleus size p={p:g} (tokens)", (n,), 1) for p, n in nuclei),
+        *_LAST_STATS,
+    ]
+
+
+def _mean_sd(values: list[float], digits: int) -> str:
+    if not values:
+        return NO_RUN
+    text = f"{statistics.fmean(values):.{digits}f}"
+    return text + (f" ± {statistics.stdev(values):.{digits}f} (n={len(values)})" if len(values) > 1 else "")
+
+
+def statistics_rows(runs: list[Run]) -> tuple[list[str], list[list[str]]] | None:
+    """(header, rows) of the training statistics at each run's last logged step, one row per seed group; None when
+    no run logged any of them."""
+    columns = statistic_columns(runs)
+    groups = group_runs(runs)
+    body = []
+    for g in groups:
+        cells = []
+        for _, names, digits in columns:
+            last = [float(s.iloc[-1]) for r in g.runs if (s := r.series(*names)) is not None]
+            cells.append(_mean_sd([v for v in last if math.isfinite(v)], digits))
+        body.append([f"{TASK_LABELS.get(g.task, g.task)} {g.model_size or 'other size'}", g.label, *cells])
+    if all(c == NO_RUN for row in body for c in row[2:]):
+        return None
+    return ["Task", "Method", *(h for h, _, _ in columns)], body
 
 
 def _latex_escape(text: str) -> str:
@@ -159,7 +234,7 @@ def _latex_escape(text: str) -> str:
 
 def to_latex(runs: list[Run], pick: str = "final", data_source: str | None = None, compact: bool = False) -> str:
     """A booktabs table: one header row of tasks spanning their sizes, one of sizes, the paper's row last."""
-    methods, columns, cells = build_cells(runs, pick, data_source, compact)
+    rows, columns, cells = build_cells(runs, pick, data_source, compact)
     tasks = list(dict.fromkeys(t for t, _ in columns))
     spans = [sum(1 for t, _ in columns if t == task) for task in tasks]
     top = " & ".join(rf"\multicolumn{{{n}}}{{c}}{{{_latex_escape(TASK_LABELS.get(t, t))}}}" for t, n in zip(tasks, spans))
@@ -176,9 +251,9 @@ def to_latex(runs: list[Run], pick: str = "final", data_source: str | None = Non
         rf" & {sizes} \\",
         r"\midrule",
     ]
-    for m in methods:
-        row = [format_cell(cells.get((m, t, s)), t, pm=r"$\pm$").replace(NO_RUN, "--") for t, s in columns]
-        lines.append(_latex_escape(METHODS.get(m, m)) + " & " + " & ".join(row) + r" \\")
+    for label in rows:
+        row = [format_cell(cells.get((label, t, s)), t, pm=r"$\pm$").replace(NO_RUN, "--") for t, s in columns]
+        lines.append(_latex_escape(label) + " & " + " & ".join(row) + r" \\")
     lines.append(r"\midrule")
     # The paper's model size for these figures was not recovered: span the task's columns.
     paper = [

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal, NamedTuple, Optional
+from typing import Literal, NamedTuple, Optional, Sequence
 
 import torch
 
@@ -111,6 +111,13 @@ class EntropyTerms(NamedTuple):
     region_mass: probability of the trust region under the full softmax, in [0, 1] (detached).
     region_size: number of tokens in the trust region (detached, fp32 holding integers).
     topk_prob: probability of the ``stats_top_k`` most likely tokens under the full softmax (detached).
+
+    Reference statistics, the same whichever regularizer ``value`` is (0 where not computed: ``with_stats`` off, or
+    no reference region asked for):
+    top1_prob: probability of the most likely token.
+    tail_mass: [..., len(reference_top_k)] probability outside the K most likely tokens, one column per reference
+        K (0 where K >= V); fp32 sums make its absolute error ~1e-7.
+    nucleus_size: tokens in the ``reference_top_p`` nucleus (TRE-P's exact definition, uncapped).
     """
 
     value: torch.Tensor
@@ -118,6 +125,29 @@ class EntropyTerms(NamedTuple):
     region_mass: torch.Tensor
     region_size: torch.Tensor
     topk_prob: torch.Tensor
+    top1_prob: Optional[torch.Tensor] = None
+    tail_mass: Optional[torch.Tensor] = None
+    nucleus_size: Optional[torch.Tensor] = None
+
+
+class _Reference(NamedTuple):
+    """The fixed regions of the reference statistics: Ks of the tail masses, p of the nucleus (None: skipped)."""
+
+    top_ks: tuple = ()
+    top_p: Optional[float] = None
+
+    @classmethod
+    def from_args(cls, top_ks, top_p) -> "_Reference":
+        top_ks = tuple(top_ks or ())
+        for k in top_ks:
+            if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+                raise ValueError(f"reference_top_k must be a list of integers >= 1, got {list(top_ks)!r}")
+        if top_p is not None:
+            TrustRegion(mode="top_p", top_p=top_p).validate()
+        return cls(top_ks, None if top_p is None else float(top_p))
+
+
+_NO_REFERENCE = _Reference()
 
 
 def _check_logits(logits: torch.Tensor) -> None:
@@ -279,9 +309,13 @@ def _entropy(total: torch.Tensor, dot: torch.Tensor):
     return total.log() - mean, mean
 
 
-def _chunk_forward(z: torch.Tensor, region: TrustRegion, stats_top_k: int, with_stats: bool, ws: _Workspace):
-    """One chunk of rows [c, V] (fp32 or fp64) -> the five per-row outputs [c] and four per-row tensors [c] that
-    backward needs: (tau, share of the tied tokens, region mean of z - max, d value / d region weight sum).
+def _chunk_forward(
+    z: torch.Tensor, region: TrustRegion, stats_top_k: int, with_stats: bool, ws: _Workspace,
+    reference: _Reference = _NO_REFERENCE,
+):
+    """One chunk of rows [c, V] (fp32 or fp64) -> the per-row outputs in EntropyTerms' order ([c], the tail masses
+    [c, len(reference.top_ks)]) and four per-row tensors [c] that backward needs: (tau, share of the tied tokens,
+    region mean of z - max, d value / d region weight sum).
 
     The region boundary is kept as tau: TRE-K compares logits with it, TRE-P compares probabilities (they can tie
     where logits do not), full entropy takes every token.
@@ -321,15 +355,40 @@ def _chunk_forward(z: torch.Tensor, region: TrustRegion, stats_top_k: int, with_
         value = region_entropy * scale
         saved = (tau, taken / nucleus.n_tied, mean, scale / region_sum)
 
-    if not with_stats:
-        topk_prob = torch.zeros_like(row_max)
-    elif stats_top_k == 1:
-        topk_prob = 1.0 / sum_exp  # the largest e is exp(0) = 1
+    if with_stats:
+        reused = size if region.mode == "top_p" and region.top_p == reference.top_p and region.max_size is None else None
+        topk_prob, top1_prob, tail_mass, nucleus_size = _chunk_stats(e, sum_exp, stats_top_k, reference, reused, ws)
     else:
-        top = torch.topk(e, min(stats_top_k, vocab), dim=-1, sorted=False).values
-        topk_prob = top.sum(dim=-1, keepdim=True) / sum_exp
-    rows = (value, entropy_full, region_mass, size, topk_prob)
-    return tuple(t.squeeze(-1) for t in rows), tuple(t.squeeze(-1) for t in saved)
+        topk_prob = top1_prob = nucleus_size = torch.zeros_like(row_max)
+        tail_mass = row_max.new_zeros(row_max.shape[0], len(reference.top_ks))
+    rows = (value, entropy_full, region_mass, size, topk_prob, top1_prob)
+    return (*(t.squeeze(-1) for t in rows), tail_mass, nucleus_size.squeeze(-1)), tuple(t.squeeze(-1) for t in saved)
+
+
+def _chunk_stats(e, sum_exp, stats_top_k: int, reference: _Reference, nucleus_size, ws: _Workspace):
+    """(topk_prob, top1_prob, tail_mass, nucleus_size) of one chunk from e = exp(z - max) [c, V] and its row sums
+    [c, 1]; one top-k of e serves every K. ``nucleus_size`` ([c, 1]) is the training region's when it is the
+    reference nucleus already, else None. Runs after the training region is done with the workspace buffers."""
+    vocab = e.shape[-1]
+    top1_prob = 1.0 / sum_exp  # the largest e is exp(0) = 1
+    k_max = min(max((stats_top_k, *reference.top_ks)), vocab)
+    head = torch.topk(e, k_max, dim=-1).values.cumsum(dim=-1) if k_max > 1 else None
+
+    def mass_of_top(k):  # [c, 1] unnormalized mass of the k likeliest tokens (ties give the same sum)
+        k = min(k, vocab)
+        return e.new_ones(e.shape[0], 1) if head is None else head[:, k - 1 : k]
+
+    topk_prob = top1_prob if stats_top_k == 1 else mass_of_top(stats_top_k) / sum_exp
+    tails = [
+        torch.zeros_like(sum_exp) if k >= vocab else (sum_exp - mass_of_top(k)).clamp_(min=0) / sum_exp
+        for k in reference.top_ks
+    ]
+    tail_mass = torch.cat(tails, dim=-1) if tails else sum_exp.new_zeros(e.shape[0], 0)
+    if reference.top_p is None:
+        nucleus_size = torch.zeros_like(sum_exp)
+    elif nucleus_size is None:
+        nucleus_size = _nucleus(e, TrustRegion(mode="top_p", top_p=reference.top_p), ws).size
+    return topk_prob, top1_prob, tail_mass, nucleus_size
 
 
 def _top_k_backward(z: torch.Tensor, region: TrustRegion, g: torch.Tensor, out: torch.Tensor, ws: _Workspace) -> None:
@@ -399,18 +458,21 @@ class _EntropyTermsFn(torch.autograd.Function):
     """Chunked forward with the statistics as non-differentiable side outputs; recomputing backward."""
 
     @staticmethod
-    def forward(ctx, logits2d, region, stats_top_k, with_stats, chunk):
+    def forward(ctx, logits2d, region, stats_top_k, with_stats, chunk, reference=_NO_REFERENCE):
         ws = _Workspace(min(chunk, logits2d.shape[0]))
-        outs = [[] for _ in range(5)]
+        outs = [[] for _ in EntropyTerms._fields]
         saved = [[] for _ in range(4)]
         for _, z in _chunks(logits2d, chunk, ws):
-            rows, keep = _chunk_forward(z, region, stats_top_k, with_stats, ws)
+            rows, keep = _chunk_forward(z, region, stats_top_k, with_stats, ws, reference)
             for lst, t in zip(outs, rows):
                 lst.append(t)
             for lst, t in zip(saved, keep):
                 lst.append(t)
         work = _compute_dtype(logits2d.dtype)
-        outs = [torch.cat(lst) if lst else logits2d.new_zeros(0, dtype=work) for lst in outs]
+        # No rows: empty outputs, the tail masses keeping their column per reference K.
+        empty = [(0,)] * len(outs)
+        empty[EntropyTerms._fields.index("tail_mass")] = (0, len(reference.top_ks))
+        outs = [torch.cat(lst) if lst else logits2d.new_zeros(shape, dtype=work) for lst, shape in zip(outs, empty)]
         saved = [torch.cat(lst) if lst else logits2d.new_zeros(0, dtype=work) for lst in saved]
         ctx.save_for_backward(logits2d, *saved)
         ctx.region, ctx.chunk = region, chunk
@@ -426,7 +488,7 @@ class _EntropyTermsFn(torch.autograd.Function):
             per_row = tuple(t[rows].unsqueeze(-1) for t in saved)
             g = grad_value[rows].to(z.dtype).unsqueeze(-1)
             _chunk_backward(z, ctx.region, per_row, g, grad[rows], ws)
-        return grad, None, None, None, None
+        return grad, None, None, None, None, None
 
 
 def entropy_terms(
@@ -439,6 +501,8 @@ def entropy_terms(
     stats_top_k: int = 1,
     with_stats: bool = True,
     chunk_size: Optional[int] = None,
+    reference_top_k: Sequence[int] = (),
+    reference_top_p: Optional[float] = None,
 ) -> EntropyTerms:
     """The regularizer and the trust-region statistics in one pass over the logits.
 
@@ -449,26 +513,36 @@ def entropy_terms(
         max_region_size: optional cap on the TRE-P region (reference reproduction: 256).
         scale: multiply TRE values by log(V) / log(|T|) (default, as the reference).
         stats_top_k: k of the logged top-k probability.
-        with_stats: False skips the top-k probability (the other statistics come for free).
+        with_stats: False skips the top-k probability and the reference statistics (the others come for free).
         chunk_size: rows per chunk (default: about 1M elements per chunk on CPU, 16M on a GPU).
+        reference_top_k: Ks of the reference tail masses (``tail_mass`` gets one column per K); () skips them.
+        reference_top_p: p of the reference nucleus (``nucleus_size``); None skips it (it costs about one TRE-P
+            region selection, unless the regularizer is TRE-P with this p and no cap, whose nucleus is reused).
 
     Returns:
-        EntropyTerms of [...]-shaped fp32 tensors (fp64 for fp64 logits); only ``value`` carries gradient.
+        EntropyTerms of [...]-shaped fp32 tensors (fp64 for fp64 logits; ``tail_mass`` [..., len(reference_top_k)]);
+        only ``value`` carries gradient.
     """
     _check_logits(logits)
     region = TrustRegion.from_args(top_k, top_p, max_region_size, scale)
-    return _entropy_terms(logits, region, stats_top_k=stats_top_k, with_stats=with_stats, chunk_size=chunk_size)
+    return _entropy_terms(
+        logits, region, stats_top_k=stats_top_k, with_stats=with_stats, chunk_size=chunk_size,
+        reference=_Reference.from_args(reference_top_k, reference_top_p),
+    )
 
 
-def _entropy_terms(logits, region: TrustRegion, *, stats_top_k=1, with_stats=True, chunk_size=None) -> EntropyTerms:
-    """entropy_terms for an already validated region (the actor validates once, at build time)."""
+def _entropy_terms(
+    logits, region: TrustRegion, *, stats_top_k=1, with_stats=True, chunk_size=None, reference=_NO_REFERENCE
+) -> EntropyTerms:
+    """entropy_terms for an already validated region and reference (the actor validates once, at build time)."""
     vocab = logits.shape[-1]
     region.validate(vocab)
     if isinstance(stats_top_k, bool) or not isinstance(stats_top_k, int) or stats_top_k < 1:
         raise ValueError(f"stats_top_k must be an integer >= 1, got {stats_top_k!r}")
     lead = logits.shape[:-1]
-    outs = _EntropyTermsFn.apply(logits.reshape(-1, vocab), region, stats_top_k, with_stats, _chunk_rows(vocab, logits.device, chunk_size))
-    return EntropyTerms(*(t.reshape(lead) for t in outs))
+    chunk = _chunk_rows(vocab, logits.device, chunk_size)
+    outs = _EntropyTermsFn.apply(logits.reshape(-1, vocab), region, stats_top_k, with_stats, chunk, reference)
+    return EntropyTerms(*(t.reshape(*lead, *t.shape[1:]) for t in outs))
 
 
 def entropy_from_logits(
@@ -505,20 +579,30 @@ def trust_region_stats(
     max_region_size: Optional[int] = None,
     stats_top_k: int = 1,
     chunk_size: Optional[int] = None,
+    reference_top_k: Sequence[int] = (),
+    reference_top_p: Optional[float] = None,
 ) -> dict:
     """Detached per-row statistics of the trust region, for logging.
 
     Returns a dict of [...] fp32 tensors: "entropy_full" (nats), "region_mass" (probability of the region under the
-    full softmax), "region_size" (tokens), "topk_prob" (probability of the ``stats_top_k`` likeliest tokens) and
-    "tre_value" (the regularizer's value).
+    full softmax), "region_size" (tokens), "topk_prob" (probability of the ``stats_top_k`` likeliest tokens),
+    "top1_prob", "tre_value" (the regularizer's value), and the reference statistics asked for (see
+    entropy_terms): "tail_mass" [..., len(reference_top_k)] and "nucleus_size".
     """
     terms = entropy_terms(
-        logits, top_k, top_p, max_region_size=max_region_size, stats_top_k=stats_top_k, chunk_size=chunk_size
+        logits, top_k, top_p, max_region_size=max_region_size, stats_top_k=stats_top_k, chunk_size=chunk_size,
+        reference_top_k=reference_top_k, reference_top_p=reference_top_p,
     )
-    return {
+    stats = {
         "entropy_full": terms.entropy_full,
         "region_mass": terms.region_mass,
         "region_size": terms.region_size,
         "topk_prob": terms.topk_prob,
+        "top1_prob": terms.top1_prob,
         "tre_value": terms.value,
     }
+    if reference_top_k:
+        stats["tail_mass"] = terms.tail_mass
+    if reference_top_p is not None:
+        stats["nucleus_size"] = terms.nucleus_size
+    return stats

@@ -1,12 +1,13 @@
 """verl's data-parallel PPO actor with trust-region entropy, Forking Tokens and the paper's KL-Cov.
 
 The forward pass stays verl's (remove-padding, Ulysses sequence parallelism, padded path): the actor only swaps the
-entropy function it calls for one that returns, per token, five columns computed in one pass over the logits:
+entropy function it calls for one that returns, per token, columns computed in one pass over the logits:
 
-    [value, entropy_full, region_mass, region_size, topk_prob]
+    [value, entropy_full, region_mass, region_size, top1_prob, nucleus_size, tail_mass_top{K} for each reference K]
 
-(``value`` is the configured regularizer and the only column with gradient). verl pads, gathers and slices those
-columns like its own entropy. ``update_policy`` then composes
+(``value`` is the configured regularizer and the only column with gradient; the columns after region_size are the
+reference statistics, on the same fixed regions for every method). verl pads, gathers and slices those columns
+like its own entropy. ``update_policy`` then composes
 
     policy_loss = pg_loss(tokens kept by the Forking mask, if on) - entropy_coeff * agg(value) [+ kl_loss]
 
@@ -29,15 +30,16 @@ from verl.utils.seqlen_balancing import rearrange_micro_batches
 from verl.workers.actor.dp_actor import DataParallelPPOActor
 
 from verl_tre.trainer.ppo.core_algos import CLIPPED_KL_COV, forking_threshold, forking_token_mask, kl_cov_token_count
-from verl_tre.utils.torch_functional import TrustRegion, _entropy_terms
+from verl_tre.utils.torch_functional import EntropyTerms, TrustRegion, _entropy_terms, _Reference
 from verl_tre.workers.actor.options import TREOptions
 
-__all__ = ["TREDataParallelPPOActor", "COLUMNS"]
+__all__ = ["TREDataParallelPPOActor", "COLUMNS", "column_names", "region_metric_names", "terms_to_columns"]
 
 logger = logging.getLogger(__file__)
 logger.setLevel(os.getenv("VERL_LOGGING_LEVEL", "WARN"))
 
-COLUMNS = ("value", "entropy_full", "region_mass", "region_size", "topk_prob")
+# Fixed columns; one tail-mass column per reference K follows them (see column_names).
+COLUMNS = ("value", "entropy_full", "region_mass", "region_size", "top1_prob", "nucleus_size")
 _FULL = TrustRegion()
 
 
@@ -47,6 +49,7 @@ class TREDataParallelPPOActor(DataParallelPPOActor):
     def __init__(self, config, actor_module, actor_optimizer=None):
         super().__init__(config, actor_module, actor_optimizer)
         self.tre = TREOptions.from_actor_config(config)
+        self._reference = _Reference(self.tre.reference_top_k, self.tre.reference_top_p)
         # The region the entropy columns use, and whether their value may carry gradient; update_policy and
         # compute_log_prob set these around their forward passes.
         self._region = self.tre.region
@@ -54,12 +57,12 @@ class TREDataParallelPPOActor(DataParallelPPOActor):
         self.compute_entropy_from_logits = self._entropy_columns
 
     def _entropy_columns(self, logits: torch.Tensor) -> torch.Tensor:
-        """[..., V] temperature-scaled logits -> [..., 5] fp32 columns (see COLUMNS)."""
+        """[..., V] temperature-scaled logits -> [..., C] fp32 columns (see column_names)."""
         if not self._value_needs_grad:
             logits = logits.detach()
         with_stats = self.tre.metrics and self._region is not _FULL
-        terms = _entropy_terms(logits, self._region, stats_top_k=self.tre.metrics_top_k, with_stats=with_stats)
-        return torch.stack(terms, dim=-1)
+        terms = _entropy_terms(logits, self._region, with_stats=with_stats, reference=self._reference)
+        return terms_to_columns(terms)
 
     @contextmanager
     def _entropy_mode(self, region: TrustRegion, needs_grad: bool):
@@ -198,7 +201,7 @@ class TREDataParallelPPOActor(DataParallelPPOActor):
                     if kl_cov:
                         _add(step, "actor/kl_cov_tokens", kl_cov_token_count(pg_mask, cfg.policy_loss.kl_cov_ratio))
                     if tre.metrics:
-                        _add_region_metrics(step, columns, response_mask)
+                        _add_region_metrics(step, columns, response_mask, region_metric_names(tre))
 
                 grad_norm = self._optimizer_step()
                 if hasattr(grad_norm, "full_tensor"):  # FSDP2 returns a DTensor
@@ -223,12 +226,39 @@ def _add(step: dict, name: str, value) -> None:
     step.setdefault(name, []).append(torch.as_tensor(value))
 
 
-def _add_region_metrics(step: dict, columns: torch.Tensor, response_mask: torch.Tensor) -> None:
-    """Token means over the response of the detached entropy columns."""
+def column_names(tre: TREOptions) -> tuple:
+    """Names of the entropy columns for these options: COLUMNS, then ``tail_mass_top{K}`` per reference K."""
+    return COLUMNS + tuple(f"tail_mass_top{k}" for k in tre.reference_top_k)
+
+
+def terms_to_columns(terms: EntropyTerms) -> torch.Tensor:
+    """EntropyTerms ([...] fields, tail_mass [..., n_K]) -> [..., len(column_names)] columns, value first."""
+    fixed = torch.stack([getattr(terms, name) for name in COLUMNS], dim=-1)
+    return torch.cat([fixed, terms.tail_mass.to(fixed.dtype)], dim=-1)
+
+
+def region_metric_names(tre: TREOptions) -> dict:
+    """Column index -> logged metric name. ``actor/ref/*`` are the reference statistics, on the same regions for
+    every method; ``actor/regularizer/*`` describe what this method trains (its region only where it has one)."""
+    index = {name: i for i, name in enumerate(column_names(tre))}
+    names = {index["value"]: "actor/regularizer/value"}
+    if tre.region.mode != "full":
+        names[index["region_mass"]] = "actor/regularizer/region_mass"
+        names[index["region_size"]] = "actor/regularizer/region_size"
+    names[index["entropy_full"]] = "actor/ref/entropy_full"
+    names[index["top1_prob"]] = "actor/ref/top1_prob"
+    for k in tre.reference_top_k:
+        names[index[f"tail_mass_top{k}"]] = f"actor/ref/tail_mass_top{k}"
+    if tre.reference_top_p is not None:
+        names[index["nucleus_size"]] = f"actor/ref/nucleus_size_p{tre.reference_top_p:g}"
+    return names
+
+
+def _add_region_metrics(step: dict, columns: torch.Tensor, response_mask: torch.Tensor, names: dict) -> None:
+    """Token means over the response of the detached entropy columns, under ``names`` (region_metric_names)."""
     columns = columns.detach()
-    for index, name in ((1, "entropy_full"), (0, "tre_value"), (2, "region_mass"), (3, "region_size"), (4, "topk_prob")):
-        _add(step, f"actor/{name}", verl_F.masked_mean(columns[..., index], response_mask))
-    _add(step, "actor/tail_mass", verl_F.masked_mean(1.0 - columns[..., 2], response_mask))
+    for index, name in names.items():
+        _add(step, name, verl_F.masked_mean(columns[..., index], response_mask))
 
 
 @contextmanager

@@ -9,8 +9,9 @@ Keys (under ``actor_rollout_ref.actor``):
       top_p: 0.99                 # p of TRE-P
       max_size: null              # cap on the TRE-P region; the reference used 256 (reproduction only)
       scale: true                 # multiply TRE by log V / log |T|
-      metrics: true               # log full entropy, TRE value, region mass/size, top-k probability, tail mass
-      metrics_top_k: 1            # k of the logged top-k probability
+      metrics: true               # log the reference statistics and the regularizer's value, region mass/size
+      reference_top_k: [2, 10]    # Ks of the logged tail masses (probability outside the top K), every method
+      reference_top_p: 0.99       # p of the logged nucleus size, every method; null skips it (its cost)
     forking_tokens:
       enable: false               # keep the policy-gradient loss on the highest-entropy tokens only
       top_ratio: 0.2
@@ -48,6 +49,24 @@ def _section(config, key: str) -> dict:
     return {k: section.get(k) for k in section.keys()}
 
 
+def _reference_regions(tr: dict) -> tuple[tuple, float | None]:
+    """(Ks, p) of the reference statistics every method logs, validated."""
+    ks = tr.get("reference_top_k", (2, 10))
+    if isinstance(ks, (str, bytes)) or not hasattr(ks, "__iter__"):
+        raise ValueError(f"actor.trust_region.reference_top_k must be a list of integers >= 1 such as [2, 10], got {ks!r}")
+    ks = tuple(ks)
+    if any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in ks) or len(set(ks)) != len(ks):
+        raise ValueError(
+            f"actor.trust_region.reference_top_k must be a list of distinct integers >= 1 such as [2, 10], got {list(ks)!r}"
+        )
+    p = tr.get("reference_top_p", 0.99)
+    if p is not None:
+        p = _number(p, "actor.trust_region.reference_top_p")
+        if not 0.0 < p < 1.0:
+            raise ValueError(f"actor.trust_region.reference_top_p must be in the open interval (0, 1) or null, got {p}")
+    return ks, p
+
+
 @dataclass(frozen=True)
 class TREOptions:
     """Validated exploration options of one actor."""
@@ -55,7 +74,8 @@ class TREOptions:
     entropy_coeff: float
     region: TrustRegion
     metrics: bool
-    metrics_top_k: int
+    reference_top_k: tuple
+    reference_top_p: float | None
     forking: bool
     forking_ratio: float
     forking_scope: str
@@ -93,9 +113,7 @@ class TREOptions:
             region.validate()
         except ValueError as err:
             raise ValueError(f"actor.trust_region: {err}") from None
-        metrics_top_k = tr.get("metrics_top_k", 1)
-        if isinstance(metrics_top_k, bool) or not isinstance(metrics_top_k, int) or metrics_top_k < 1:
-            raise ValueError(f"actor.trust_region.metrics_top_k must be an integer >= 1, got {metrics_top_k!r}")
+        reference_top_k, reference_top_p = _reference_regions(tr)
 
         fk = _section(config, "forking_tokens")
         forking = bool(fk.get("enable", False))
@@ -137,7 +155,8 @@ class TREOptions:
             entropy_coeff=coeff,
             region=region,
             metrics=bool(tr.get("metrics", True)),
-            metrics_top_k=metrics_top_k,
+            reference_top_k=reference_top_k,
+            reference_top_p=reference_top_p,
             forking=forking,
             forking_ratio=ratio,
             forking_scope=scope,
