@@ -150,12 +150,26 @@ class _Workspace:
 def _shifted_exp(z: torch.Tensor, ws: _Workspace):
     """(row_max [c, 1], shifted [c, V], e [c, V]) with shifted = z - row_max, and e = exp(shifted) in [0, 1].
 
-    -inf logits are clamped to the dtype's lowest finite value in ``shifted`` so that e * shifted is 0 there, not
-    NaN; e is 0 for them either way.
+    -inf logits become the dtype's lowest finite value in ``shifted`` so that e * shifted is 0 there, not NaN; e is
+    0 for them either way. A non-finite row (a NaN or +inf logit, or every logit -inf; row_max is then not finite)
+    gets NaN -> 0 and +inf -> 0 in ``shifted``: its e stays a valid row in [0, 1] with maximum 1, so that the
+    region search indexes in range; callers replace its outputs by NaN (see _non_finite_rows).
     """
     row_max = z.amax(dim=-1, keepdim=True)
-    shifted = torch.sub(z, row_max, out=ws("shifted", z)).clamp_(min=torch.finfo(z.dtype).min)
+    shifted = torch.sub(z, row_max, out=ws("shifted", z))
+    # One pass, as fast as the clamp it replaces on CPU (measured); finite rows only meet the -inf case.
+    torch.nan_to_num_(shifted, nan=0.0, posinf=0.0, neginf=torch.finfo(z.dtype).min)
     return row_max, shifted, torch.exp(shifted, out=ws("e", z))
+
+
+def _non_finite_rows(row_max: torch.Tensor) -> torch.Tensor:
+    """[c, 1] bool: rows with a NaN or +inf logit, or only -inf logits. amax propagates NaN, so row_max is
+    NaN, +inf or -inf exactly for them."""
+    return ~torch.isfinite(row_max)
+
+
+def _nan_where(bad: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    return torch.where(bad, torch.full_like(t, math.nan), t)
 
 
 def _dot(a: torch.Tensor, b: torch.Tensor, ws: _Workspace) -> torch.Tensor:
@@ -190,39 +204,58 @@ def _nucleus_by_sort(e: torch.Tensor, target: torch.Tensor):
     preceding mass is below target, and the value of the last of them.
     """
     ordered = torch.sort(e, dim=-1, descending=True).values
-    before = torch.cumsum(ordered, dim=-1, dtype=torch.float64) - ordered
-    count = (before < target).sum(dim=-1, keepdim=True)
+    # Exclusive prefix sums without a subtraction: exactly 0 before the top token, as the radix search's suffix sums.
+    before = torch.zeros(ordered.shape, dtype=torch.float64, device=e.device)
+    torch.cumsum(ordered[:, :-1], dim=-1, dtype=torch.float64, out=before[:, 1:])
+    # target > 0 and before[0] = 0 give count >= 1; the clamp keeps the gather in range whatever the input.
+    count = (before < target).sum(dim=-1, keepdim=True).clamp_(min=1)
     return torch.gather(ordered, -1, count - 1), count
+
+
+def _mass_above(hist: torch.Tensor) -> torch.Tensor:
+    """[c, B] mass of the buckets strictly above each bucket of a [c, B] fp64 histogram, as suffix sums from the
+    top: exactly 0 above the highest non-empty bucket (a total minus a prefix sum would leave rounding there), and
+    non-increasing, since fp64 rounding is monotone."""
+    above = torch.zeros_like(hist)
+    above[:, :-1] = hist[:, 1:].flip(-1).cumsum(dim=-1).flip(-1)
+    return above
 
 
 def _nucleus_by_radix(e: torch.Tensor, mass: torch.Tensor, target: torch.Tensor, ws: _Workspace):
     """Nucleus boundary of fp32 rows by radix selection on the bits of e, without sorting: the same
     (tau [c, 1], count [c, 1] long) as _nucleus_by_sort, plus (above mask [c, V], n_above [c, 1], n_tied [c, 1]).
 
-    e: [c, V] fp32 >= 0; mass: e in fp64 (bucket sums of ~1e5 terms must resolve the boundary as finely as an fp64
-    cumsum); target: [c, 1] fp64. Non-negative fp32 values order like their int32 bit patterns, and e <= 1 keeps
-    those below 2**30. Two histogram passes of 15 bits narrow the boundary to one exact float; each keeps the bucket
-    where the mass above it first falls below the target. The second pass keys every token relative to the chosen
-    high bucket (below it -> bucket 0, above it -> the last bucket), so the mass above the boundary and the mass of
-    the tokens tied at it come out of the same histogram.
+    e: [c, V] fp32 in [0, 1] (as _shifted_exp makes it); mass: e in fp64 (bucket sums of ~1e5 terms must resolve
+    the boundary as finely as an fp64 cumsum); target: [c, 1] fp64, > 0. Non-negative fp32 values order like their
+    int32 bit patterns, and e <= 1 keeps those below 2**30, so bits >> 15 is a bucket in 0..2**15 - 1. Two
+    histogram passes of 15 bits narrow the boundary to one exact float; each keeps the bucket where the mass above
+    it first falls below the target. The second pass keys every token relative to the chosen high bucket (below
+    it -> bucket 0, above it -> the last bucket) and measures the mass above each of its sub-buckets from the
+    first pass's mass above the high bucket, the same fp64 number, so the two passes cannot disagree about the
+    high bucket (which once took a whole bucket too many); the mass of the tokens tied at the boundary comes out of
+    the same histogram. Given the target, the result equals exact rational arithmetic wherever the fp64 sums of the
+    tokens above the boundary are exact (tested), and equals the sort path otherwise up to fp64 rounding.
     """
     n_buckets = 1 << 15
     bits = e.view(torch.int32)
     key = ws("key", e, torch.int64).copy_(bits)
     key >>= 15
     hist = torch.zeros(e.shape[0], n_buckets, dtype=torch.float64, device=e.device).scatter_add_(1, key, mass)
-    mass_above = hist.sum(dim=-1, keepdim=True) - hist.cumsum(dim=-1)
-    high = (mass_above >= target).sum(dim=-1, keepdim=True)
+    above_high = _mass_above(hist)
+    # above_high[:, -1] == 0 < target, so high <= n_buckets - 1 already; the clamps guard the indices regardless.
+    high = (above_high >= target).sum(dim=-1, keepdim=True).clamp_(max=n_buckets - 1)
+    mass_above_high = torch.gather(above_high, -1, high)
 
     key.copy_(bits).sub_((high << 15) - 1).clamp_(0, n_buckets + 1)
     hist = torch.zeros(e.shape[0], n_buckets + 2, dtype=torch.float64, device=e.device).scatter_add_(1, key, mass)
-    mass_above = hist.sum(dim=-1, keepdim=True) - hist.cumsum(dim=-1)
-    low = (mass_above[:, 1:-1] >= target).sum(dim=-1, keepdim=True)
+    sub = hist[:, 1:-1]
+    mass_above = _mass_above(sub).add_(mass_above_high)
+    low = (mass_above >= target).sum(dim=-1, keepdim=True).clamp_(max=n_buckets - 1)
     tau = ((high << 15) | low).to(torch.int32).view(torch.float32)
     tau64 = tau.double()
-    # Every token equal to tau lands in bucket low + 1, and an fp64 sum of fewer than 2**29 equal fp32 values is exact.
-    n_tied = (torch.gather(hist, -1, low + 1) / tau64).round_()
-    needed = torch.ceil((target - torch.gather(mass_above, -1, low + 1)) / tau64).clamp_(min=1)
+    # Every token equal to tau lands in sub-bucket low, and an fp64 sum of fewer than 2**29 equal fp32 values is exact.
+    n_tied = (torch.gather(sub, -1, low) / tau64).round_()
+    needed = torch.ceil((target - torch.gather(mass_above, -1, low)) / tau64).clamp_(min=1)
     above = torch.gt(e, tau, out=ws("above", e, torch.bool))
     n_above = _count(above, e.dtype)
     count = n_above.long() + torch.minimum(needed, n_tied).long()
@@ -329,13 +362,18 @@ def _chunk_forward(z: torch.Tensor, region: TrustRegion, stats_top_k: int, with_
         top = torch.topk(e, min(stats_top_k, vocab), dim=-1, sorted=False).values
         topk_prob = top.sum(dim=-1, keepdim=True) / sum_exp
     rows = (value, entropy_full, region_mass, size, topk_prob)
-    return tuple(t.squeeze(-1) for t in rows), tuple(t.squeeze(-1) for t in saved)
+    # A non-finite row was computed on a stand-in (see _shifted_exp): all of its outputs are NaN, and backward
+    # recomputes the same test to give it a NaN gradient. [c, 1] work, no host sync.
+    bad = _non_finite_rows(row_max)
+    return tuple(_nan_where(bad, t).squeeze(-1) for t in rows), tuple(t.squeeze(-1) for t in saved)
 
 
 def _top_k_backward(z: torch.Tensor, region: TrustRegion, g: torch.Tensor, out: torch.Tensor, ws: _Workspace) -> None:
     """Gradient of TRE-K (K >= 2) for one chunk into ``out``, from the K largest logits: only they (and ties) get
     gradient."""
     top, index = torch.topk(z, region.top_k, dim=-1, sorted=False)
+    # topk returns a row's NaN or +inf among the top values, and only -inf ones for an all -inf row.
+    g = _nan_where(_non_finite_rows(top.amax(dim=-1, keepdim=True)), g)
     tau = top.amin(dim=-1, keepdim=True)
     top_shifted = (top - top.amax(dim=-1, keepdim=True)).clamp_(min=torch.finfo(z.dtype).min)
     pi = top_shifted.exp()
@@ -355,7 +393,8 @@ def _chunk_backward(z, region: TrustRegion, saved, g: torch.Tensor, out: torch.T
     """Writes d value / d z for one chunk [c, V], times the incoming per-row gradient g [c, 1], into ``out``."""
     if region.mode == "top_k" and region.top_k > 1:
         return _top_k_backward(z, region, g, out, ws)
-    _, shifted, e = _shifted_exp(z, ws)
+    row_max, shifted, e = _shifted_exp(z, ws)
+    g = _nan_where(_non_finite_rows(row_max), g)
     if _is_min_entropy(region):
         # d/dz [logsumexp(z) - max(z)] = softmax(z) - (share of the maximum, split evenly among tied maxima)
         at_max = torch.eq(shifted, 0, out=ws("above", z, torch.bool))
@@ -419,6 +458,12 @@ class _EntropyTermsFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_value, *unused):
+        if torch.is_grad_enabled():
+            # The engine enables grad mode in backward exactly when create_graph=True.
+            raise RuntimeError(
+                "entropy_terms: double backward is not supported (the backward pass is hand-written and not itself "
+                "differentiable); call backward/autograd.grad without create_graph=True through the entropy terms"
+            )
         logits2d, *saved = ctx.saved_tensors
         grad = torch.empty_like(logits2d)
         ws = _Workspace(min(ctx.chunk, logits2d.shape[0]))
