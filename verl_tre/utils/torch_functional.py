@@ -474,6 +474,7 @@ class _EntropyTermsFn(torch.autograd.Function):
         return grad, None, None, None, None
 
 
+@torch.compiler.disable  # eager, see _entropy_terms
 def entropy_terms(
     logits: torch.Tensor,
     top_k: Optional[int] = None,
@@ -505,6 +506,10 @@ def entropy_terms(
     return _entropy_terms(logits, region, stats_top_k=stats_top_k, with_stats=with_stats, chunk_size=chunk_size)
 
 
+# Eager under torch.compile: the chunk loop is Python over the row count, so a traced version would recompile for
+# every new N (remove-padding changes N every micro-batch) and stop compiling at dynamo's recompile limit, and the
+# hand-written chunked kernels leave a compiler little to fuse. A compiled caller gets one graph break here instead.
+@torch.compiler.disable
 def _entropy_terms(logits, region: TrustRegion, *, stats_top_k=1, with_stats=True, chunk_size=None) -> EntropyTerms:
     """entropy_terms for an already validated region (the actor validates once, at build time)."""
     vocab = logits.shape[-1]
@@ -516,6 +521,7 @@ def _entropy_terms(logits, region: TrustRegion, *, stats_top_k=1, with_stats=Tru
     return EntropyTerms(*(t.reshape(lead) for t in outs))
 
 
+@torch.compiler.disable  # eager, see _entropy_terms
 def entropy_from_logits(
     logits: torch.Tensor,
     top_k: Optional[int] = None,
@@ -541,6 +547,7 @@ def entropy_from_logits(
     ).value
 
 
+@torch.compiler.disable  # eager, see _entropy_terms
 @torch.no_grad()
 def trust_region_stats(
     logits: torch.Tensor,
