@@ -154,3 +154,32 @@ def test_torch_compile_does_not_recompile_for_new_row_counts(mode):
         (expected,) = torch.autograd.grad((entropy_from_logits(x, **mode) * 2.0).sum(), x)
         torch.testing.assert_close(grad, expected)
     assert counter.frame_count <= 2
+
+
+# ---- Forking Tokens: how many tokens are kept ----
+
+from verl_tre.trainer.ppo.core_algos import forking_count, forking_mini_batch_mask, forking_token_mask  # noqa: E402
+
+
+@pytest.mark.parametrize("ratio", [0.3, 0.6, 0.15, 0.2])
+def test_forking_keeps_exactly_ceil_ratio_times_n_in_both_scopes(ratio):
+    exact = Fraction(str(ratio))
+    scores = torch.rand(2000, generator=_gen(10))
+    for n in range(1, 2001):
+        expected = max(1, math.ceil(exact * n))
+        assert forking_count(n, ratio) == expected, n
+        entropy, mask = scores[:n].view(1, n), torch.ones(1, n, dtype=torch.long)
+        micro = forking_token_mask(entropy, mask, ratio)
+        mini, threshold = forking_mini_batch_mask(entropy, mask, ratio)
+        assert int(micro.sum()) == expected, n
+        assert torch.equal(mini, micro), n
+        assert float(threshold) == float(entropy[micro].min())
+
+
+def test_forking_mini_batch_scope_keeps_exactly_the_count_on_ties_like_the_micro_batch_scope():
+    entropy = torch.tensor([[0.5, 1.0, 1.0, 1.0, 1.0], [1.0, 1.0, 1.0, 1.0, 0.0]])
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 1, 0]])
+    keep, threshold = forking_mini_batch_mask(entropy, mask, 0.2)  # 9 valid tokens -> 2, among 8 tied at 1.0
+    assert int(keep.sum()) == 2 and float(threshold) == 1.0
+    assert torch.equal(keep, forking_token_mask(entropy, mask, 0.2))
+    assert keep[0, 1:3].all()  # ties go to the earliest positions
