@@ -11,13 +11,20 @@ trust region T, let pi_T be the softmax renormalized over T. The trust-region en
                 min-entropy logsumexp(z) - max(z) instead (a renormalized top-1 has no entropy).
 * TRE-P:        T is the nucleus of mass p: a token is in T iff the probability of the tokens ranked before it is
                 below p (so the top token and the token that crosses p are in). The value is
-                H_T * log(V) / log(|T|), and 0 where |T| = 1. The nucleus is exact; ``max_region_size`` caps it
-                only when asked (the reference capped it at 256 tokens, which changes wide nuclei).
+                H_T * log(V) / log(|T|), and 0 where |T| = 1. The nucleus is computed with fp64 sums of the fp32
+                probabilities from the most likely token down (exactly 0 before the top token, so any p > 0 keeps
+                at least the top token); ``max_region_size`` caps it only when asked (the reference capped it at
+                256 tokens, which changes wide nuclei; its selection sums in fp32, so sizes can still differ).
 
 The region is chosen without gradient; the gradient flows through the logits inside T only (through all logits
 for K = 1, whose value contains the full logsumexp). Where tokens tied at the region's boundary are only partly
 inside it, the value is the same whichever of them are taken, and each tied token receives the same share of the
-gradient (the mean over the possible tie-breaks).
+gradient (the mean over the possible tie-breaks). Double backward is not supported (a clear error).
+
+Non-finite rows (a NaN or +inf logit, or only -inf logits): every output of the row is NaN, in every mode, and so
+is its gradient; the other rows are computed exactly as without it, every index stays in range, and nothing
+synchronizes with the host. Under torch.compile the terms run eagerly (one graph break, no recompilation when the
+row count changes).
 
 Memory: rows are processed in chunks through reused workspace buffers, so fp32 temporaries never exceed
 ``chunk_size`` rows of the vocabulary; the backward pass recomputes what it needs from the logits and a few
@@ -59,8 +66,8 @@ class TrustRegion:
     mode: "full" (whole vocabulary), "top_k" (TRE-K) or "top_p" (TRE-P).
     top_k: K for "top_k", an integer >= 1.
     top_p: p for "top_p", in the open interval (0, 1).
-    max_size: optional cap on the TRE-P region size (bit-faithful reproduction of the reference used 256);
-        None computes the exact nucleus.
+    max_size: optional cap on the TRE-P region size (the reference capped at 256; its fp32 cumulative sum still
+        differs from our fp64 one on rare rows); None computes the uncapped nucleus.
     scale: multiply by log(V) / log(|T|) (the reference does); False gives the plain renormalized entropy, useful
         to compare regularizers at equal effective strength.
     """
@@ -489,10 +496,11 @@ def entropy_terms(
     """The regularizer and the trust-region statistics in one pass over the logits.
 
     Args:
-        logits: [..., V] logits (fp16, bf16, fp32 or fp64), already divided by the temperature. Each row needs at
-            least one finite entry; -inf entries are tokens with no probability.
+        logits: [..., V] logits (fp16, bf16, fp32 or fp64), already divided by the temperature; -inf entries are
+            tokens with no probability. A row with a NaN or +inf entry, or without a finite one, gives NaN in
+            every output and in its gradient.
         top_k: K for TRE-K. top_p: p for TRE-P. Neither: full entropy.
-        max_region_size: optional cap on the TRE-P region (reference reproduction: 256).
+        max_region_size: optional cap on the TRE-P region (the reference's cap: 256).
         scale: multiply TRE values by log(V) / log(|T|) (default, as the reference).
         stats_top_k: k of the logged top-k probability.
         with_stats: False skips the top-k probability (the other statistics come for free).
@@ -536,7 +544,7 @@ def entropy_from_logits(
     Args:
         logits: [..., V] floating logits, already divided by the temperature.
         top_k: K >= 1 (K <= V). top_p: p in (0, 1). At most one of them.
-        max_region_size: optional TRE-P region cap, for bit-faithful reproduction of the reference (256).
+        max_region_size: optional TRE-P region cap (the reference's cap: 256; see TrustRegion.max_size).
         scale: apply log(V) / log(|T|) to TRE values.
 
     Returns:
