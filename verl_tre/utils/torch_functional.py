@@ -11,13 +11,20 @@ trust region T, let pi_T be the softmax renormalized over T. The trust-region en
                 min-entropy logsumexp(z) - max(z) instead (a renormalized top-1 has no entropy).
 * TRE-P:        T is the nucleus of mass p: a token is in T iff the probability of the tokens ranked before it is
                 below p (so the top token and the token that crosses p are in). The value is
-                H_T * log(V) / log(|T|), and 0 where |T| = 1. The nucleus is exact; ``max_region_size`` caps it
-                only when asked (the reference capped it at 256 tokens, which changes wide nuclei).
+                H_T * log(V) / log(|T|), and 0 where |T| = 1. The nucleus is computed with fp64 sums of the fp32
+                probabilities from the most likely token down (exactly 0 before the top token, so any p > 0 keeps
+                at least the top token); ``max_region_size`` caps it only when asked (the reference capped it at
+                256 tokens, which changes wide nuclei; its selection sums in fp32, so sizes can still differ).
 
 The region is chosen without gradient; the gradient flows through the logits inside T only (through all logits
 for K = 1, whose value contains the full logsumexp). Where tokens tied at the region's boundary are only partly
 inside it, the value is the same whichever of them are taken, and each tied token receives the same share of the
-gradient (the mean over the possible tie-breaks).
+gradient (the mean over the possible tie-breaks). Double backward is not supported (a clear error).
+
+Non-finite rows (a NaN or +inf logit, or only -inf logits): every output of the row is NaN, in every mode, and so
+is its gradient; the other rows are computed exactly as without it, every index stays in range, and nothing
+synchronizes with the host. Under torch.compile the terms run eagerly (one graph break, no recompilation when the
+row count changes).
 
 Memory: rows are processed in chunks through reused workspace buffers, so fp32 temporaries never exceed
 ``chunk_size`` rows of the vocabulary; the backward pass recomputes what it needs from the logits and a few
@@ -59,8 +66,8 @@ class TrustRegion:
     mode: "full" (whole vocabulary), "top_k" (TRE-K) or "top_p" (TRE-P).
     top_k: K for "top_k", an integer >= 1.
     top_p: p for "top_p", in the open interval (0, 1).
-    max_size: optional cap on the TRE-P region size (bit-faithful reproduction of the reference used 256);
-        None computes the exact nucleus.
+    max_size: optional cap on the TRE-P region size (the reference capped at 256; its fp32 cumulative sum still
+        differs from our fp64 one on rare rows); None computes the uncapped nucleus.
     scale: multiply by log(V) / log(|T|) (the reference does); False gives the plain renormalized entropy, useful
         to compare regularizers at equal effective strength.
     """
@@ -180,12 +187,26 @@ class _Workspace:
 def _shifted_exp(z: torch.Tensor, ws: _Workspace):
     """(row_max [c, 1], shifted [c, V], e [c, V]) with shifted = z - row_max, and e = exp(shifted) in [0, 1].
 
-    -inf logits are clamped to the dtype's lowest finite value in ``shifted`` so that e * shifted is 0 there, not
-    NaN; e is 0 for them either way.
+    -inf logits become the dtype's lowest finite value in ``shifted`` so that e * shifted is 0 there, not NaN; e is
+    0 for them either way. A non-finite row (a NaN or +inf logit, or every logit -inf; row_max is then not finite)
+    gets NaN -> 0 and +inf -> 0 in ``shifted``: its e stays a valid row in [0, 1] with maximum 1, so that the
+    region search indexes in range; callers replace its outputs by NaN (see _non_finite_rows).
     """
     row_max = z.amax(dim=-1, keepdim=True)
-    shifted = torch.sub(z, row_max, out=ws("shifted", z)).clamp_(min=torch.finfo(z.dtype).min)
+    shifted = torch.sub(z, row_max, out=ws("shifted", z))
+    # One pass, as fast as the clamp it replaces on CPU (measured); finite rows only meet the -inf case.
+    torch.nan_to_num_(shifted, nan=0.0, posinf=0.0, neginf=torch.finfo(z.dtype).min)
     return row_max, shifted, torch.exp(shifted, out=ws("e", z))
+
+
+def _non_finite_rows(row_max: torch.Tensor) -> torch.Tensor:
+    """[c, 1] bool: rows with a NaN or +inf logit, or only -inf logits. amax propagates NaN, so row_max is
+    NaN, +inf or -inf exactly for them."""
+    return ~torch.isfinite(row_max)
+
+
+def _nan_where(bad: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    return torch.where(bad, torch.full_like(t, math.nan), t)
 
 
 def _dot(a: torch.Tensor, b: torch.Tensor, ws: _Workspace) -> torch.Tensor:
@@ -220,39 +241,58 @@ def _nucleus_by_sort(e: torch.Tensor, target: torch.Tensor):
     preceding mass is below target, and the value of the last of them.
     """
     ordered = torch.sort(e, dim=-1, descending=True).values
-    before = torch.cumsum(ordered, dim=-1, dtype=torch.float64) - ordered
-    count = (before < target).sum(dim=-1, keepdim=True)
+    # Exclusive prefix sums without a subtraction: exactly 0 before the top token, as the radix search's suffix sums.
+    before = torch.zeros(ordered.shape, dtype=torch.float64, device=e.device)
+    torch.cumsum(ordered[:, :-1], dim=-1, dtype=torch.float64, out=before[:, 1:])
+    # target > 0 and before[0] = 0 give count >= 1; the clamp keeps the gather in range whatever the input.
+    count = (before < target).sum(dim=-1, keepdim=True).clamp_(min=1)
     return torch.gather(ordered, -1, count - 1), count
+
+
+def _mass_above(hist: torch.Tensor) -> torch.Tensor:
+    """[c, B] mass of the buckets strictly above each bucket of a [c, B] fp64 histogram, as suffix sums from the
+    top: exactly 0 above the highest non-empty bucket (a total minus a prefix sum would leave rounding there), and
+    non-increasing, since fp64 rounding is monotone."""
+    above = torch.zeros_like(hist)
+    above[:, :-1] = hist[:, 1:].flip(-1).cumsum(dim=-1).flip(-1)
+    return above
 
 
 def _nucleus_by_radix(e: torch.Tensor, mass: torch.Tensor, target: torch.Tensor, ws: _Workspace):
     """Nucleus boundary of fp32 rows by radix selection on the bits of e, without sorting: the same
     (tau [c, 1], count [c, 1] long) as _nucleus_by_sort, plus (above mask [c, V], n_above [c, 1], n_tied [c, 1]).
 
-    e: [c, V] fp32 >= 0; mass: e in fp64 (bucket sums of ~1e5 terms must resolve the boundary as finely as an fp64
-    cumsum); target: [c, 1] fp64. Non-negative fp32 values order like their int32 bit patterns, and e <= 1 keeps
-    those below 2**30. Two histogram passes of 15 bits narrow the boundary to one exact float; each keeps the bucket
-    where the mass above it first falls below the target. The second pass keys every token relative to the chosen
-    high bucket (below it -> bucket 0, above it -> the last bucket), so the mass above the boundary and the mass of
-    the tokens tied at it come out of the same histogram.
+    e: [c, V] fp32 in [0, 1] (as _shifted_exp makes it); mass: e in fp64 (bucket sums of ~1e5 terms must resolve
+    the boundary as finely as an fp64 cumsum); target: [c, 1] fp64, > 0. Non-negative fp32 values order like their
+    int32 bit patterns, and e <= 1 keeps those below 2**30, so bits >> 15 is a bucket in 0..2**15 - 1. Two
+    histogram passes of 15 bits narrow the boundary to one exact float; each keeps the bucket where the mass above
+    it first falls below the target. The second pass keys every token relative to the chosen high bucket (below
+    it -> bucket 0, above it -> the last bucket) and measures the mass above each of its sub-buckets from the
+    first pass's mass above the high bucket, the same fp64 number, so the two passes cannot disagree about the
+    high bucket (which once took a whole bucket too many); the mass of the tokens tied at the boundary comes out of
+    the same histogram. Given the target, the result equals exact rational arithmetic wherever the fp64 sums of the
+    tokens above the boundary are exact (tested), and equals the sort path otherwise up to fp64 rounding.
     """
     n_buckets = 1 << 15
     bits = e.view(torch.int32)
     key = ws("key", e, torch.int64).copy_(bits)
     key >>= 15
     hist = torch.zeros(e.shape[0], n_buckets, dtype=torch.float64, device=e.device).scatter_add_(1, key, mass)
-    mass_above = hist.sum(dim=-1, keepdim=True) - hist.cumsum(dim=-1)
-    high = (mass_above >= target).sum(dim=-1, keepdim=True)
+    above_high = _mass_above(hist)
+    # above_high[:, -1] == 0 < target, so high <= n_buckets - 1 already; the clamps guard the indices regardless.
+    high = (above_high >= target).sum(dim=-1, keepdim=True).clamp_(max=n_buckets - 1)
+    mass_above_high = torch.gather(above_high, -1, high)
 
     key.copy_(bits).sub_((high << 15) - 1).clamp_(0, n_buckets + 1)
     hist = torch.zeros(e.shape[0], n_buckets + 2, dtype=torch.float64, device=e.device).scatter_add_(1, key, mass)
-    mass_above = hist.sum(dim=-1, keepdim=True) - hist.cumsum(dim=-1)
-    low = (mass_above[:, 1:-1] >= target).sum(dim=-1, keepdim=True)
+    sub = hist[:, 1:-1]
+    mass_above = _mass_above(sub).add_(mass_above_high)
+    low = (mass_above >= target).sum(dim=-1, keepdim=True).clamp_(max=n_buckets - 1)
     tau = ((high << 15) | low).to(torch.int32).view(torch.float32)
     tau64 = tau.double()
-    # Every token equal to tau lands in bucket low + 1, and an fp64 sum of fewer than 2**29 equal fp32 values is exact.
-    n_tied = (torch.gather(hist, -1, low + 1) / tau64).round_()
-    needed = torch.ceil((target - torch.gather(mass_above, -1, low + 1)) / tau64).clamp_(min=1)
+    # Every token equal to tau lands in sub-bucket low, and an fp64 sum of fewer than 2**29 equal fp32 values is exact.
+    n_tied = (torch.gather(sub, -1, low) / tau64).round_()
+    needed = torch.ceil((target - torch.gather(mass_above, -1, low)) / tau64).clamp_(min=1)
     above = torch.gt(e, tau, out=ws("above", e, torch.bool))
     n_above = _count(above, e.dtype)
     count = n_above.long() + torch.minimum(needed, n_tied).long()
@@ -361,8 +401,12 @@ def _chunk_forward(
     else:
         topk_prob = top1_prob = nucleus_size = torch.zeros_like(row_max)
         tail_mass = row_max.new_zeros(row_max.shape[0], len(reference.top_ks))
-    rows = (value, entropy_full, region_mass, size, topk_prob, top1_prob)
-    return (*(t.squeeze(-1) for t in rows), tail_mass, nucleus_size.squeeze(-1)), tuple(t.squeeze(-1) for t in saved)
+    rows = (value, entropy_full, region_mass, size, topk_prob, top1_prob, tail_mass, nucleus_size)
+    # A non-finite row was computed on a stand-in (see _shifted_exp): all of its outputs are NaN, and backward
+    # recomputes the same test to give it a NaN gradient. [c, 1] work, no host sync.
+    bad = _non_finite_rows(row_max)
+    rows = tuple(_nan_where(bad, t) for t in rows)
+    return (*(t.squeeze(-1) for t in rows[:6]), rows[6], rows[7].squeeze(-1)), tuple(t.squeeze(-1) for t in saved)
 
 
 def _chunk_stats(e, sum_exp, stats_top_k: int, reference: _Reference, nucleus_size, ws: _Workspace):
@@ -395,6 +439,8 @@ def _top_k_backward(z: torch.Tensor, region: TrustRegion, g: torch.Tensor, out: 
     """Gradient of TRE-K (K >= 2) for one chunk into ``out``, from the K largest logits: only they (and ties) get
     gradient."""
     top, index = torch.topk(z, region.top_k, dim=-1, sorted=False)
+    # topk returns a row's NaN or +inf among the top values, and only -inf ones for an all -inf row.
+    g = _nan_where(_non_finite_rows(top.amax(dim=-1, keepdim=True)), g)
     tau = top.amin(dim=-1, keepdim=True)
     top_shifted = (top - top.amax(dim=-1, keepdim=True)).clamp_(min=torch.finfo(z.dtype).min)
     pi = top_shifted.exp()
@@ -414,7 +460,8 @@ def _chunk_backward(z, region: TrustRegion, saved, g: torch.Tensor, out: torch.T
     """Writes d value / d z for one chunk [c, V], times the incoming per-row gradient g [c, 1], into ``out``."""
     if region.mode == "top_k" and region.top_k > 1:
         return _top_k_backward(z, region, g, out, ws)
-    _, shifted, e = _shifted_exp(z, ws)
+    row_max, shifted, e = _shifted_exp(z, ws)
+    g = _nan_where(_non_finite_rows(row_max), g)
     if _is_min_entropy(region):
         # d/dz [logsumexp(z) - max(z)] = softmax(z) - (share of the maximum, split evenly among tied maxima)
         at_max = torch.eq(shifted, 0, out=ws("above", z, torch.bool))
@@ -481,6 +528,12 @@ class _EntropyTermsFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_value, *unused):
+        if torch.is_grad_enabled():
+            # The engine enables grad mode in backward exactly when create_graph=True.
+            raise RuntimeError(
+                "entropy_terms: double backward is not supported (the backward pass is hand-written and not itself "
+                "differentiable); call backward/autograd.grad without create_graph=True through the entropy terms"
+            )
         logits2d, *saved = ctx.saved_tensors
         grad = torch.empty_like(logits2d)
         ws = _Workspace(min(ctx.chunk, logits2d.shape[0]))
@@ -491,6 +544,7 @@ class _EntropyTermsFn(torch.autograd.Function):
         return grad, None, None, None, None, None
 
 
+@torch.compiler.disable  # eager, see _entropy_terms
 def entropy_terms(
     logits: torch.Tensor,
     top_k: Optional[int] = None,
@@ -507,10 +561,11 @@ def entropy_terms(
     """The regularizer and the trust-region statistics in one pass over the logits.
 
     Args:
-        logits: [..., V] logits (fp16, bf16, fp32 or fp64), already divided by the temperature. Each row needs at
-            least one finite entry; -inf entries are tokens with no probability.
+        logits: [..., V] logits (fp16, bf16, fp32 or fp64), already divided by the temperature; -inf entries are
+            tokens with no probability. A row with a NaN or +inf entry, or without a finite one, gives NaN in
+            every output and in its gradient.
         top_k: K for TRE-K. top_p: p for TRE-P. Neither: full entropy.
-        max_region_size: optional cap on the TRE-P region (reference reproduction: 256).
+        max_region_size: optional cap on the TRE-P region (the reference's cap: 256).
         scale: multiply TRE values by log(V) / log(|T|) (default, as the reference).
         stats_top_k: k of the logged top-k probability.
         with_stats: False skips the top-k probability and the reference statistics (the others come for free).
@@ -531,6 +586,10 @@ def entropy_terms(
     )
 
 
+# Eager under torch.compile: the chunk loop is Python over the row count, so a traced version would recompile for
+# every new N (remove-padding changes N every micro-batch) and stop compiling at dynamo's recompile limit, and the
+# hand-written chunked kernels leave a compiler little to fuse. A compiled caller gets one graph break here instead.
+@torch.compiler.disable
 def _entropy_terms(
     logits, region: TrustRegion, *, stats_top_k=1, with_stats=True, chunk_size=None, reference=_NO_REFERENCE
 ) -> EntropyTerms:
@@ -545,6 +604,7 @@ def _entropy_terms(
     return EntropyTerms(*(t.reshape(*lead, *t.shape[1:]) for t in outs))
 
 
+@torch.compiler.disable  # eager, see _entropy_terms
 def entropy_from_logits(
     logits: torch.Tensor,
     top_k: Optional[int] = None,
@@ -559,7 +619,7 @@ def entropy_from_logits(
     Args:
         logits: [..., V] floating logits, already divided by the temperature.
         top_k: K >= 1 (K <= V). top_p: p in (0, 1). At most one of them.
-        max_region_size: optional TRE-P region cap, for bit-faithful reproduction of the reference (256).
+        max_region_size: optional TRE-P region cap (the reference's cap: 256; see TrustRegion.max_size).
         scale: apply log(V) / log(|T|) to TRE values.
 
     Returns:
@@ -570,6 +630,7 @@ def entropy_from_logits(
     ).value
 
 
+@torch.compiler.disable  # eager, see _entropy_terms
 @torch.no_grad()
 def trust_region_stats(
     logits: torch.Tensor,

@@ -1,7 +1,8 @@
 """The exploration baselines the paper compares TRE against, as pure functions on [batch, response_length] tensors.
 
 * Forking Tokens (Wang et al. 2025, "Beyond the 80/20 Rule"): the policy-gradient loss is kept on the
-  ``top_ratio`` highest-entropy response tokens only (ceil(ratio * n_valid), at least one).
+  ``top_ratio`` highest-entropy response tokens only: exactly ceil(ratio * n_valid) of them, at least one, with the
+  ratio read as the decimal written in the config (0.3 keeps 15 of 50; see ``forking_count``), in either scope.
 * KL-Cov (Cui et al. 2025, "The Entropy Mechanism of RL for Reasoning LMs"), the TRE reference's variant: on the
   tokens whose centred covariance between advantage and log-probability is largest (ratio of the valid tokens,
   floor, at least one), the clipped PPO loss gets ``+ ppo_kl_coef * |log_prob - old_log_prob|``. Registered with
@@ -13,7 +14,7 @@ position) and ignores padding.
 
 from __future__ import annotations
 
-import math
+from fractions import Fraction
 
 import torch
 import torch.distributed as dist
@@ -21,7 +22,9 @@ from verl.trainer.ppo.core_algos import agg_loss, compute_policy_loss, register_
 
 __all__ = [
     "top_tokens_mask",
+    "forking_count",
     "forking_token_mask",
+    "forking_mini_batch_mask",
     "forking_threshold",
     "kl_cov_token_count",
     "kl_cov_mask",
@@ -50,8 +53,26 @@ def top_tokens_mask(scores: torch.Tensor, valid: torch.Tensor, count: torch.Tens
     return (rank.view_as(valid) < count) & valid
 
 
+def _ratio_fraction(top_ratio: float) -> Fraction:
+    """The ratio as the shortest decimal that prints as it (0.3 -> 3/10, not the binary 0.29999...), with its
+    denominator bounded by 2**31 so that n * numerator stays exact in int64 for any n below 2**32."""
+    return Fraction(repr(float(top_ratio))).limit_denominator(1 << 31)
+
+
+def forking_count(n_valid, top_ratio: float):
+    """Tokens Forking Tokens keeps out of ``n_valid``: ceil(top_ratio * n_valid) in exact integer arithmetic, at
+    least 1. ``n_valid``: a Python int (returns an int) or an integer tensor (returns a long tensor, on its device,
+    without a host sync)."""
+    ratio = _ratio_fraction(top_ratio)
+    num, den = ratio.numerator, ratio.denominator
+    if isinstance(n_valid, torch.Tensor):
+        return torch.clamp((n_valid.long() * num + (den - 1)) // den, min=1)
+    return max(1, (int(n_valid) * num + den - 1) // den)
+
+
 def forking_token_mask(entropy: torch.Tensor, response_mask: torch.Tensor, top_ratio: float = 0.2) -> torch.Tensor:
-    """Forking-Tokens selection within one batch: the ceil(top_ratio * n_valid) (>= 1) highest-entropy tokens.
+    """Forking-Tokens selection within one batch: the forking_count(n_valid) highest-entropy tokens, ties broken by
+    position.
 
     Args:
         entropy: [B, T] full-vocabulary entropy per token (detached; nats).
@@ -61,37 +82,50 @@ def forking_token_mask(entropy: torch.Tensor, response_mask: torch.Tensor, top_r
     Returns:
         [B, T] bool mask; empty when there is no valid token.
     """
-    n_valid = response_mask.bool().sum()
-    count = torch.clamp(torch.ceil(n_valid * top_ratio), min=1).long()
+    count = forking_count(response_mask.bool().sum(), top_ratio)
     return top_tokens_mask(entropy.detach(), response_mask, count)
 
 
-def forking_threshold(entropy: torch.Tensor, response_mask: torch.Tensor, top_ratio: float = 0.2, group=None) -> torch.Tensor:
-    """Entropy threshold of the Forking-Tokens selection over all tokens of all data-parallel ranks.
+def forking_mini_batch_mask(entropy: torch.Tensor, response_mask: torch.Tensor, top_ratio: float = 0.2, group=None):
+    """Forking-Tokens selection over all tokens of all data-parallel ranks (scope=mini_batch).
 
-    Gathers the valid entropies of every rank (``group``: the data-parallel process group; ignored when
-    torch.distributed is not initialized) and returns the value of the ceil(top_ratio * n_valid)-th largest, as a
-    0-d fp32 tensor; tokens with ``entropy >= threshold`` are kept (ties at the threshold are all kept). +inf when no
-    rank has a valid token. Synchronizes once (to exchange the counts); call it once per mini-batch.
+    Gathers the entropies and masks of every rank (``group``: the data-parallel process group; ignored when
+    torch.distributed is not initialized) and keeps exactly forking_count(n_valid over all ranks) tokens, the same
+    on every rank: the highest entropies, ties broken by rank, then by position in the flattened [B, T] order (on
+    one rank: the same tokens as forking_token_mask over the whole batch). Synchronizes once (to exchange the
+    counts); call it once per mini-batch.
 
     Args:
         entropy: [B, T] detached full entropy of this rank's mini-batch. response_mask: [B, T].
+
+    Returns:
+        (keep [B, T] bool, threshold): threshold is the smallest kept entropy over all ranks as a 0-d fp32 tensor,
+        +inf when no rank has a valid token.
     """
-    values = entropy.detach().float()[response_mask.bool()]
+    valid = response_mask.bool()
+    rows = torch.stack([torch.where(valid, entropy.detach().float(), -torch.inf).flatten(), valid.flatten().float()])
+    offset = 0
     if dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1:
-        sizes = torch.tensor([values.numel()], device=values.device)
+        sizes = torch.tensor([rows.shape[1]], device=rows.device)
         all_sizes = [torch.zeros_like(sizes) for _ in range(dist.get_world_size(group))]
         dist.all_gather(all_sizes, sizes, group=group)
-        longest = int(max(s.item() for s in all_sizes))
-        padded = torch.full((longest,), -torch.inf, device=values.device)
-        padded[: values.numel()] = values
-        gathered = [torch.empty_like(padded) for _ in all_sizes]
+        lengths = [int(n.item()) for n in all_sizes]
+        padded = torch.zeros(2, max(lengths), device=rows.device)
+        padded[:, : rows.shape[1]] = rows
+        gathered = [torch.empty_like(padded) for _ in lengths]
         dist.all_gather(gathered, padded, group=group)
-        values = torch.cat([g[: int(s.item())] for g, s in zip(gathered, all_sizes)])
-    if values.numel() == 0:
-        return torch.tensor(torch.inf, device=entropy.device)
-    count = max(1, math.ceil(values.numel() * top_ratio))
-    return torch.topk(values, min(count, values.numel())).values[-1]
+        offset = sum(lengths[: dist.get_rank(group)])
+        rows = torch.cat([g[:, :n] for g, n in zip(gathered, lengths)], dim=1)
+    scores, everywhere = rows[0:1], rows[1:2].bool()
+    keep = top_tokens_mask(scores, everywhere, forking_count(everywhere.sum(), top_ratio))
+    threshold = torch.where(keep, scores, torch.inf).amin()
+    return keep[0, offset : offset + valid.numel()].view_as(valid), threshold
+
+
+def forking_threshold(entropy: torch.Tensor, response_mask: torch.Tensor, top_ratio: float = 0.2, group=None) -> torch.Tensor:
+    """The smallest entropy kept by forking_mini_batch_mask (the forking_count-th largest valid entropy over all
+    ranks), as a 0-d fp32 tensor; +inf when no rank has a valid token. Synchronizes once."""
+    return forking_mini_batch_mask(entropy, response_mask, top_ratio, group)[1]
 
 
 def kl_cov_token_count(response_mask: torch.Tensor, ratio: float) -> torch.Tensor:

@@ -16,6 +16,7 @@ and logs what the regularizer did (see ``TREOptions`` for the config keys).
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from contextlib import contextmanager, nullcontext
@@ -29,7 +30,7 @@ from verl.utils.device import get_device_id
 from verl.utils.seqlen_balancing import rearrange_micro_batches
 from verl.workers.actor.dp_actor import DataParallelPPOActor
 
-from verl_tre.trainer.ppo.core_algos import CLIPPED_KL_COV, forking_threshold, forking_token_mask, kl_cov_token_count
+from verl_tre.trainer.ppo.core_algos import CLIPPED_KL_COV, forking_mini_batch_mask, forking_token_mask, kl_cov_token_count
 from verl_tre.utils.torch_functional import EntropyTerms, TrustRegion, _entropy_terms, _Reference
 from verl_tre.workers.actor.options import TREOptions
 
@@ -50,28 +51,35 @@ class TREDataParallelPPOActor(DataParallelPPOActor):
         super().__init__(config, actor_module, actor_optimizer)
         self.tre = TREOptions.from_actor_config(config)
         self._reference = _Reference(self.tre.reference_top_k, self.tre.reference_top_p)
-        # The region the entropy columns use, and whether their value may carry gradient; update_policy and
-        # compute_log_prob set these around their forward passes.
-        self._region = self.tre.region
-        self._value_needs_grad = False
-        self.compute_entropy_from_logits = self._entropy_columns
+        if config.get("use_torch_compile", True):
+            logger.warning(
+                "actor.use_torch_compile=true does not compile verl_tre's entropy terms: they run eagerly (hand-written "
+                "chunked kernels; a compiled version would recompile for every new token count)."
+            )
+        # The entropy function verl calls; update_policy and compute_log_prob bind its region and whether its value
+        # may carry gradient around their forward passes (_entropy_mode).
+        self.compute_entropy_from_logits = functools.partial(self._entropy_columns, region=self.tre.region, needs_grad=False)
 
-    def _entropy_columns(self, logits: torch.Tensor) -> torch.Tensor:
-        """[..., V] temperature-scaled logits -> [..., C] fp32 columns (see column_names)."""
-        if not self._value_needs_grad:
+    def _entropy_columns(self, logits: torch.Tensor, region: TrustRegion, needs_grad: bool) -> torch.Tensor:
+        """[..., V] temperature-scaled logits -> [..., C] fp32 columns (see column_names).
+
+        region and needs_grad are arguments, bound into the function verl calls, and not actor state: verl's
+        entropy_checkpointing re-runs the function in backward, after _entropy_mode has restored the state.
+        """
+        if not needs_grad:
             logits = logits.detach()
-        with_stats = self.tre.metrics and self._region is not _FULL
-        terms = _entropy_terms(logits, self._region, with_stats=with_stats, reference=self._reference)
+        with_stats = self.tre.metrics and region is not _FULL
+        terms = _entropy_terms(logits, region, with_stats=with_stats, reference=self._reference)
         return terms_to_columns(terms)
 
     @contextmanager
     def _entropy_mode(self, region: TrustRegion, needs_grad: bool):
-        saved = self._region, self._value_needs_grad
-        self._region, self._value_needs_grad = region, needs_grad
+        saved = self.compute_entropy_from_logits
+        self.compute_entropy_from_logits = functools.partial(self._entropy_columns, region=region, needs_grad=needs_grad)
         try:
             yield
         finally:
-            self._region, self._value_needs_grad = saved
+            self.compute_entropy_from_logits = saved
 
     def _forward_micro_batch(self, micro_batch, temperature, calculate_entropy=False):
         """verl's forward; with calculate_entropy, the entropy output is the [B, T, 5] columns."""
@@ -79,7 +87,7 @@ class TREDataParallelPPOActor(DataParallelPPOActor):
             return super()._forward_micro_batch(micro_batch, temperature, calculate_entropy=False)
         # verl's padded path calls verl_F.entropy_from_logits directly instead of self.compute_entropy_from_logits.
         padded = not self.use_remove_padding and not self.use_fused_kernels
-        patch = _swap_attr(verl_F, "entropy_from_logits", self._entropy_columns) if padded else nullcontext()
+        patch = _swap_attr(verl_F, "entropy_from_logits", self.compute_entropy_from_logits) if padded else nullcontext()
         with patch:
             entropy, log_probs = super()._forward_micro_batch(micro_batch, temperature, calculate_entropy=True)
         if self.use_fused_kernels:
@@ -100,11 +108,12 @@ class TREDataParallelPPOActor(DataParallelPPOActor):
             return rearrange_micro_batches(batch=mini_batch, max_token_len=max_token_len)[0]
         return mini_batch.split(self.config.ppo_micro_batch_size_per_gpu)
 
-    def _policy_gradient_loss(self, old_log_prob, log_prob, advantages, mask):
+    def _policy_gradient_loss(self, old_log_prob, log_prob, advantages, mask, loss_agg_mode=None):
         cfg = self.config
+        loss_agg_mode = cfg.loss_agg_mode if loss_agg_mode is None else loss_agg_mode
         loss_mode = cfg.policy_loss.get("loss_mode", "vanilla")
         if loss_mode != "vanilla":
-            return get_policy_loss_fn(loss_mode)(old_log_prob, log_prob, advantages, mask, cfg.loss_agg_mode, cfg)
+            return get_policy_loss_fn(loss_mode)(old_log_prob, log_prob, advantages, mask, loss_agg_mode, cfg)
         return compute_policy_loss(
             old_log_prob=old_log_prob,
             log_prob=log_prob,
@@ -114,19 +123,44 @@ class TREDataParallelPPOActor(DataParallelPPOActor):
             cliprange_low=cfg.clip_ratio_low if cfg.clip_ratio_low is not None else cfg.clip_ratio,
             cliprange_high=cfg.clip_ratio_high if cfg.clip_ratio_high is not None else cfg.clip_ratio,
             clip_ratio_c=cfg.get("clip_ratio_c", 3.0),
-            loss_agg_mode=cfg.loss_agg_mode,
+            loss_agg_mode=loss_agg_mode,
         )
 
-    def _mini_batch_forking_threshold(self, micro_batches, temperature, multi_turn):
-        """Forking threshold over the whole mini-batch on all ranks (scope=mini_batch): one no-grad forward."""
+    def _forking_policy_loss(self, old_log_prob, log_prob, advantages, keep, response_mask):
+        """Policy-gradient loss on the kept tokens, and the clip/KL metrics both over all response tokens (verl's
+        names, as the reference reports them) and over the kept tokens.
+
+        With loss_agg_mode=seq-mean-token-mean a sequence without kept tokens contributes nothing and the mean runs
+        over the sequences that have some (verl's formula would give 0/0): the token weights keep / n_kept(row),
+        summed per row and averaged over the rows with a kept token.
+        """
+        keep = keep.to(response_mask.dtype)
+        if self.config.loss_agg_mode == "seq-mean-token-mean":
+            kept_per_row = keep.sum(dim=-1, keepdim=True)
+            rows_with_kept = (kept_per_row > 0).sum().clamp(min=1)
+            weights = keep / kept_per_row.clamp(min=1)
+            pg_loss = self._policy_gradient_loss(old_log_prob, log_prob, advantages, weights, "seq-mean-token-sum")[0]
+            pg_loss = pg_loss * (keep.shape[0] / rows_with_kept)
+            with torch.no_grad():
+                kept = self._policy_gradient_loss(old_log_prob, log_prob, advantages, keep)[1:]
+        else:
+            pg_loss, *kept = self._policy_gradient_loss(old_log_prob, log_prob, advantages, keep)
+        with torch.no_grad():
+            everywhere = self._policy_gradient_loss(old_log_prob, log_prob, advantages, response_mask)[1:]
+        return pg_loss, everywhere, kept
+
+    def _mini_batch_forking_masks(self, micro_batches, temperature, multi_turn):
+        """Forking selection over the whole mini-batch on all ranks (scope=mini_batch), from one no-grad forward:
+        (one keep mask per micro-batch, the smallest kept entropy). Exactly the count is kept, ties included."""
         entropies, masks = [], []
         with torch.no_grad(), self._entropy_mode(_FULL, needs_grad=False):
             for mb in micro_batches:
                 mb = mb.to(get_device_id())
                 columns, _ = self._forward_micro_batch(mb, temperature=temperature, calculate_entropy=True)
-                entropies.append(columns[..., 1].flatten())
-                masks.append(_response_mask(mb, multi_turn).flatten())
-        return forking_threshold(torch.cat(entropies), torch.cat(masks), self.tre.forking_ratio)
+                entropies.append(columns[..., 1])
+                masks.append(_response_mask(mb, multi_turn))
+        keep, threshold = forking_mini_batch_mask(torch.cat(entropies), torch.cat(masks), self.tre.forking_ratio)
+        return list(keep.split([len(m) for m in masks])), threshold
 
     @GPUMemoryLogger(role="dp actor", logger=logger)
     def update_policy(self, data: DataProto):
@@ -148,33 +182,36 @@ class TREDataParallelPPOActor(DataParallelPPOActor):
         for _ in range(cfg.ppo_epochs):
             for mini_batch in mini_batches:
                 micro_batches = self._micro_batches(mini_batch)
-                threshold = None
+                keep_masks = threshold = None
                 if tre.forking and tre.forking_scope == "mini_batch":
-                    threshold = self._mini_batch_forking_threshold(micro_batches, temperature, multi_turn)
+                    keep_masks, threshold = self._mini_batch_forking_masks(micro_batches, temperature, multi_turn)
                 self.actor_optimizer.zero_grad()
                 step = {}
-                for mb in micro_batches:
+                for index, mb in enumerate(micro_batches):
                     mb = mb.to(get_device_id())
                     response_mask = _response_mask(mb, multi_turn)
                     with self._entropy_mode(tre.region, needs_grad=tre.entropy_coeff != 0):
                         columns, log_prob = self._forward_micro_batch(mb, temperature=temperature, calculate_entropy=tre.needs_entropy_terms)
 
-                    pg_mask = response_mask
                     if tre.forking:
                         entropy_full = columns[..., 1]
-                        if threshold is None:
+                        if keep_masks is None:
                             keep = forking_token_mask(entropy_full, response_mask, tre.forking_ratio)
                         else:
-                            keep = response_mask.bool() & (entropy_full >= threshold)
-                        pg_mask = keep.to(response_mask.dtype)
+                            keep = keep_masks[index].to(response_mask.device)
                         n_valid = response_mask.sum().clamp(min=1)
                         _add(step, "actor/forking_kept_frac", keep.sum() / n_valid)
                         kept_min = torch.where(keep, entropy_full, torch.inf).min() if threshold is None else threshold
                         _add(step, "actor/forking_threshold", kept_min)
-
-                    pg_loss, clipfrac, ppo_kl, clipfrac_lower = self._policy_gradient_loss(
-                        mb["old_log_probs"], log_prob, mb["advantages"], pg_mask
-                    )
+                        pg_loss, (clipfrac, ppo_kl, clipfrac_lower), kept = self._forking_policy_loss(
+                            mb["old_log_probs"], log_prob, mb["advantages"], keep, response_mask
+                        )
+                        for name, value in zip(("pg_clipfrac", "ppo_kl", "pg_clipfrac_lower"), kept):
+                            _add(step, f"actor/forking/{name}_kept", value)
+                    else:
+                        pg_loss, clipfrac, ppo_kl, clipfrac_lower = self._policy_gradient_loss(
+                            mb["old_log_probs"], log_prob, mb["advantages"], response_mask
+                        )
                     policy_loss = pg_loss
                     if tre.entropy_coeff != 0:
                         entropy_term = agg_loss(loss_mat=columns[..., 0], loss_mask=response_mask, loss_agg_mode=cfg.loss_agg_mode)
@@ -199,7 +236,7 @@ class TREDataParallelPPOActor(DataParallelPPOActor):
                     ):
                         _add(step, f"actor/{name}", value)
                     if kl_cov:
-                        _add(step, "actor/kl_cov_tokens", kl_cov_token_count(pg_mask, cfg.policy_loss.kl_cov_ratio))
+                        _add(step, "actor/kl_cov_tokens", kl_cov_token_count(response_mask, cfg.policy_loss.kl_cov_ratio))
                     if tre.metrics:
                         _add_region_metrics(step, columns, response_mask, region_metric_names(tre))
 

@@ -7,14 +7,14 @@ Keys (under ``actor_rollout_ref.actor``):
       mode: full                  # full (PPO + entropy bonus) | top_k (TRE-K) | top_p (TRE-P)
       top_k: 2                    # K of TRE-K
       top_p: 0.99                 # p of TRE-P
-      max_size: null              # cap on the TRE-P region; the reference used 256 (reproduction only)
+      max_size: null              # cap on the TRE-P region; the reference capped at 256 (its fp32 sums still differ)
       scale: true                 # multiply TRE by log V / log |T|
       metrics: true               # log the reference statistics and the regularizer's value, region mass/size
       reference_top_k: [2, 10]    # Ks of the logged tail masses (probability outside the top K), every method
       reference_top_p: 0.99       # p of the logged nucleus size, every method; null skips it (its cost)
     forking_tokens:
       enable: false               # keep the policy-gradient loss on the highest-entropy tokens only
-      top_ratio: 0.2
+      top_ratio: 0.2              # keeps exactly ceil(ratio * n) tokens (decimal ratio), at least one
       scope: micro_batch          # micro_batch (as the reference) | mini_batch (over all data-parallel ranks)
     policy_loss:
       loss_mode: clipped_kl_cov   # the paper's KL-Cov (kl_cov_ratio 0.002, ppo_kl_coef 1.0 in its scripts)
