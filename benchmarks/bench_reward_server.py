@@ -8,8 +8,8 @@ model unless --model is given) and runs, each for --seconds:
   --long-tokens): short-request p99 here against ``short`` says what a long pair costs the others;
 * ``mixed``: --short-clients clients whose requests mix short pairs with long ones (each pair long with
   probability --long-fraction): requests/s is the mixed-length throughput;
-* ``overload``: --overload-clients clients through the project's client (``score_batch``), which backs off
-  on 503/429: every reward must arrive;
+* ``overload``: --overload-clients clients sending --overload-items pairs per request through the
+  project's client (``score_batch``), which backs off on 503/429: every reward must arrive;
 * ``restart``: --short-clients clients through ``score_batch`` while the server is stopped (SIGTERM) and
   started again mid-load: every reward must arrive and equal the reward of the same pair scored alone.
 
@@ -201,6 +201,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--long-fraction", type=float, default=0.1, help="share of long pairs in the mixed load")
     p.add_argument("--mixed-items", type=int, default=8, help="pairs per request in the mixed load")
     p.add_argument("--overload-clients", type=int, default=64)
+    p.add_argument("--overload-items", type=int, default=32, help="pairs per overload request (the trainer's "
+                                                                  "hh_batch_size)")
     p.add_argument("--server-args", default="", help="extra server flags, e.g. '--batch-tokens 8192'")
     p.add_argument("--output", type=Path, help="write the results as JSON here")
     p.add_argument("--seed", type=int, default=0)
@@ -228,7 +230,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 elif name == "mixed":
                     clients = [mixed] * args.short_clients
                 elif name == "overload":
-                    clients = [("overload", short[1], True)] * args.overload_clients
+                    clients = [("overload", lambda rng: [short_pair(rng) for _ in range(args.overload_items)],
+                                True)] * args.overload_clients
                 else:
                     clients = [("restart", short[1], True)] * args.short_clients
 

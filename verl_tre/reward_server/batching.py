@@ -7,8 +7,8 @@ forward pass in a thread (the event loop stays free for /health and new requests
 requests share passes, and a short item is never padded to a long one.
 
 An item longer than ``chunk_tokens`` is scored on its own, ``chunk_tokens`` at a time through the model's
-KV cache, one chunk per turn, alternating with passes of the other items: a long item delays a short one
-by at most one chunk, not by its whole forward pass.
+KV cache, one chunk per step; while shorter items wait, these steps get ``LONG_SHARE`` of the worker's time.
+A long item thus delays a short one by at most one chunk, not by its whole forward pass.
 
 A job that is cancelled (its client went away) leaves the queue at once; what was already scored is kept
 with the job, so a retry of the same request (same Idempotency-Key, see app.py) scores only the rest.
@@ -29,6 +29,8 @@ log = logging.getLogger(__name__)
 
 # Items whose lengths differ by at most this factor may share a forward pass (padding waste below 1.5x).
 SIMILAR = 1.5
+# While short items wait, long items' chunks get this share of a worker's time (and all of it otherwise).
+LONG_SHARE = 1 / 3
 
 
 class Scorer(Protocol):
@@ -222,20 +224,26 @@ class LengthAwareBatcher:
             self._jobs.discard(job)
 
     async def _work(self, worker: int, scorer: Scorer) -> None:
-        long_turn = False
+        credit = 0.0  # seconds of long steps this worker may still run while short items wait
         while True:
             while not (self._short or self._long or worker in self._active):
                 self._wakeup.clear()
                 await self._wakeup.wait()
             has_long = worker in self._active or bool(self._long)
-            if has_long and (long_turn or not self._short):
-                long_turn = False
+            if has_long and (credit > 0 or not self._short):
+                start = time.perf_counter()
+                contended = bool(self._short)
                 await self._long_step(worker, scorer)
+                if contended:
+                    credit -= time.perf_counter() - start
                 continue
-            long_turn = True
+            start = time.perf_counter()
             items = self._take_short()
             if items:
                 await self._score_short(scorer, items)
+            if has_long:
+                # Bounded, so that time spent while no long item waited is not saved up for a burst.
+                credit = min(credit + (time.perf_counter() - start) * LONG_SHARE / (1 - LONG_SHARE), 1.0)
 
     async def _score_short(self, scorer: Scorer, items: list[_Item]) -> None:
         start = time.perf_counter()

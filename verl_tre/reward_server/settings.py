@@ -31,7 +31,7 @@ class ServerSettings(BaseModel):
     max_chars: int = Field(8_000_000, ge=1, description="Most characters per request, prompts and responses together.")
     max_length: int = Field(4096, ge=32, description="Most tokens per templated pair; longer ones are truncated.")
     batch_tokens: int = Field(32_768, ge=32, description="Padded tokens per forward pass (rows x longest row).")
-    chunk_tokens: int = Field(1024, ge=16, description="Pairs longer than this are scored alone, this many tokens "
+    chunk_tokens: int = Field(256, ge=16, description="Pairs longer than this are scored alone, this many tokens "
                                                        "per forward pass, between the passes of shorter pairs.")
     max_queue_tokens: int = Field(262_144, ge=32, description="Tokens waiting to be scored beyond which new "
                                                               "requests get 503 with Retry-After.")

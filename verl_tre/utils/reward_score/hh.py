@@ -12,20 +12,18 @@ per batch. Every try of a batch carries the same ``Idempotency-Key``, so a serve
 (or has just answered it) does not compute it again. A 4xx is not retried: the error says which one and what
 fixes it. Strings with lone surrogates (not encodable as UTF-8) are sent with U+FFFD in their place.
 
-From the shell: ``python -m verl_tre.utils.reward_score.hh --check [URL] [--timeout S]`` exits 0 once the
-server is ready (see :func:`check_reward_server`).
+From the shell: ``python -m verl_tre.reward_server.check [URL] [--timeout S]`` exits 0 once the server is
+ready (see :func:`check_reward_server`).
 """
 
 from __future__ import annotations
 
-import argparse
 import email.utils
 import ipaddress
 import json
 import math
 import os
 import random
-import sys
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -293,38 +291,3 @@ def check_reward_server(url: str | None = None, token: str | None = None, timeou
                 raise RewardServerError(
                     f"the reward server at {url} is not ready after {waited:.0f} s (last: {last}); {START_HINT}")
             time.sleep(min(0.5, max(0.0, timeout_s - waited)))
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m verl_tre.utils.reward_score.hh --check [URL]``: 0 when ready, 1 (message on stderr) if not."""
-    p = argparse.ArgumentParser(prog="python -m verl_tre.utils.reward_score.hh",
-                                description="Check that the HH reward server is ready (token from "
-                                            f"${TOKEN_ENV}, URL default ${URL_ENV} or {DEFAULT_URL}).")
-    p.add_argument("--check", nargs="?", const="", metavar="URL", required=True,
-                   help="the server's /predict or base URL")
-    p.add_argument("--timeout", type=float, default=0.0, help="seconds to wait for ready (default: one look)")
-    p.add_argument("--pid", type=int, help="give up as soon as this process (the server) has exited")
-    args = p.parse_args(argv)
-
-    def alive() -> bool:
-        try:
-            os.kill(args.pid, 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            return True
-        return True
-
-    try:
-        health = check_reward_server(args.check or None, timeout_s=args.timeout,
-                                     alive=alive if args.pid is not None else None)
-    except RewardServerError as error:
-        print(f"reward server check failed: {error}", file=sys.stderr)
-        return 1
-    print(f"reward server ready: devices={health.get('devices')} replicas={health.get('replicas')} "
-          f"auth={health.get('auth')}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
