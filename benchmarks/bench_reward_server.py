@@ -172,6 +172,14 @@ def run_clients(clients: list[tuple[str, Callable[[random.Random], list], bool]]
     return time.perf_counter() - start
 
 
+def server_counts(base: str) -> dict[str, int]:
+    """The server's own counters (requests answered, refused as overloaded, deduplicated, dropped, passes)."""
+    body = httpx.get(f"{base}/health", timeout=60, trust_env=False).json()
+    counts = {k: v for k, v in body.get("served", {}).items() if isinstance(v, int)}
+    counts["forward_passes"] = body.get("forward_passes", 0)
+    return counts
+
+
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
@@ -239,8 +247,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
                         time.sleep(args.seconds / 3)
                         server.stop()
                         server.start()
+                before = server_counts(server.base)
                 wall = run_clients(clients, url, args.seconds, recorder, args.seed, during)
                 row = summary(name, recorder, wall)
+                after = server_counts(server.base)
+                if name != "restart":  # a restarted server counts from zero
+                    row["server"] = {k: after[k] - before.get(k, 0) for k in after}
                 if recorder.answered is not None:  # answered but wrong (lost or mixed up) counts as lost
                     row["rewards_wrong"] = wrong_rewards(url, recorder.answered)
                     row["rewards_lost"] += row["rewards_wrong"]

@@ -83,7 +83,8 @@ def load_model(settings: ServerSettings) -> Loaded:
 
 
 class _Jobs:
-    """Jobs by Idempotency-Key with the body's hash; finished ones expire after ``IDEMPOTENCY_TTL_S``."""
+    """Jobs by Idempotency-Key with the body's hash; finished or abandoned ones expire ``IDEMPOTENCY_TTL_S``
+    after they were created, and the oldest go beyond ``IDEMPOTENCY_MAX_JOBS``."""
 
     def __init__(self):
         self._jobs: OrderedDict[str, tuple[str, Job, float]] = OrderedDict()
@@ -104,7 +105,8 @@ class _Jobs:
         now = time.monotonic()
         while self._jobs:
             key, (_, job, created) = next(iter(self._jobs.items()))
-            if len(self._jobs) <= IDEMPOTENCY_MAX_JOBS and (not job.finished or now - created < IDEMPOTENCY_TTL_S):
+            settled = job.finished or job.cancelled  # a job still being scored is kept
+            if len(self._jobs) <= IDEMPOTENCY_MAX_JOBS and (not settled or now - created < IDEMPOTENCY_TTL_S):
                 break
             self._jobs.popitem(last=False)
 
@@ -185,7 +187,7 @@ def _is_loopback(host: str | None) -> bool:
 
 
 def _busy(detail: str, retry_after_s: float) -> HTTPException:
-    return HTTPException(503, detail, headers={"Retry-After": str(max(1, min(60, math.ceil(retry_after_s))))})
+    return HTTPException(503, detail, headers={"Retry-After": str(max(1, min(30, math.ceil(retry_after_s))))})
 
 
 def create_app(
@@ -306,10 +308,11 @@ def create_app(
 
     async def _admit(body: bytes) -> Job:
         batcher = state.batcher
+        # Retry-After is half the queue's estimated drain time: refused clients return before it runs empty.
         if batcher.queued_tokens >= settings.max_queue_tokens:
             state.served["rejected"] += 1
             raise _busy(f"the reward server is overloaded ({batcher.queued_tokens} tokens queued, max_queue_tokens="
-                        f"{settings.max_queue_tokens}); retry later", batcher.drain_estimate_s())
+                        f"{settings.max_queue_tokens}); retry later", batcher.drain_estimate_s() / 2)
         try:
             payload = PredictRequest.model_validate_json(body)
         except ValidationError as exc:
@@ -334,7 +337,7 @@ def create_app(
             state.served["rejected"] += 1
             raise _busy(f"the reward server is overloaded ({batcher.queued_tokens} tokens queued, this request "
                         f"{tokens}, max_queue_tokens={settings.max_queue_tokens}); retry later",
-                        batcher.drain_estimate_s(tokens))
+                        batcher.drain_estimate_s(tokens) / 2)
         job = Job([e.ids for e in encoded])
         job.truncation = {
             "prompts": sum(e.prompt_tokens_dropped > 0 for e in encoded),

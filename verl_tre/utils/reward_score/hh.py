@@ -178,8 +178,8 @@ def _post_until_answered(client: httpx.Client, url: str, body: bytes, timeout_s:
         if max_retries is not None and tries > max_retries:
             raise _gave_up(url, tries, time.monotonic() - start, last, f"max_retries={max_retries}")
         if wait is None:
-            # Exponential, with jitter so that many clients turned away together do not return together.
-            wait = min(backoff_s * 2 ** min(tries - 1, 30), max_backoff_s) * random.uniform(1.0, 1.25)
+            wait = min(backoff_s * 2 ** min(tries - 1, 30), max_backoff_s)
+        wait *= random.uniform(1.0, 1.25)  # many clients turned away together should not return together
         time.sleep(max(0.0, min(wait, start + deadline_s - time.monotonic())))
 
 
