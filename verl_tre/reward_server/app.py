@@ -8,7 +8,8 @@ one already answered (within ``IDEMPOTENCY_TTL_S``) gets the same answer again.
 Errors, each with a JSON ``detail`` that names the problem and the fix: 401 wrong or missing bearer token
 (when one is set), 409 an Idempotency-Key reused for a different body, 413 over a limit, 415 not JSON, 422
 malformed, 503 with ``Retry-After`` while the model loads, when the queue is full (over
-``max_queue_tokens``) or while the server stops, 500 if loading or scoring failed. The model loads in the
+``max_queue_tokens``; twice that for the retry of a request refused before) or while the server stops, 500
+if loading or scoring failed. The model loads in the
 background so /health answers at once. A request whose client disconnects is dropped from the queue.
 """
 
@@ -119,6 +120,7 @@ class _State:
     error: str | None = None
     stopping: bool = False
     jobs: _Jobs = field(default_factory=_Jobs)
+    refused: OrderedDict = field(default_factory=OrderedDict)  # Idempotency-Keys refused as overloaded
     served: dict[str, int] = field(default_factory=lambda: {
         "requests": 0, "items": 0, "truncated_items": 0, "deduplicated": 0, "cancelled": 0, "rejected": 0})
 
@@ -301,18 +303,29 @@ def create_app(
             if job.cancelled:
                 state.batcher.submit(job)  # what was scored before its client left is kept
         else:
-            job = await _admit(body)
+            job = await _admit(body, key)
             if key:
                 state.jobs.put(key, fingerprint, job)
         return await _answer(request, job, key)
 
-    async def _admit(body: bytes) -> Job:
+    async def _admit(body: bytes, key: str | None) -> Job:
         batcher = state.batcher
-        # Retry-After is half the queue's estimated drain time: refused clients return before it runs empty.
-        if batcher.queued_tokens >= settings.max_queue_tokens:
+        # A request refused before (same key) may fill the queue to twice the bound: it is not refused again
+        # and again while newer requests slip in. Retry-After is half the queue's estimated drain time:
+        # refused clients return before it runs empty.
+        limit = settings.max_queue_tokens * (2 if key is not None and key in state.refused else 1)
+
+        def refuse(detail: str, retry_after_s: float) -> HTTPException:
             state.served["rejected"] += 1
-            raise _busy(f"the reward server is overloaded ({batcher.queued_tokens} tokens queued, max_queue_tokens="
-                        f"{settings.max_queue_tokens}); retry later", batcher.drain_estimate_s() / 2)
+            if key is not None:
+                state.refused[key] = None
+                while len(state.refused) > IDEMPOTENCY_MAX_JOBS:
+                    state.refused.popitem(last=False)
+            return _busy(detail, retry_after_s)
+
+        if batcher.queued_tokens >= limit:
+            raise refuse(f"the reward server is overloaded ({batcher.queued_tokens} tokens queued, max_queue_tokens="
+                         f"{settings.max_queue_tokens}); retry later", batcher.drain_estimate_s() / 2)
         try:
             payload = PredictRequest.model_validate_json(body)
         except ValidationError as exc:
@@ -333,11 +346,10 @@ def create_app(
         encoded = await asyncio.to_thread(state.loaded.encoder.encode, payload.prompts, payload.responses)
         tokens = sum(len(e.ids) for e in encoded)
         # An empty queue takes any request (within the limits above), so that none is refused forever.
-        if batcher.queued_tokens and batcher.queued_tokens + tokens > settings.max_queue_tokens:
-            state.served["rejected"] += 1
-            raise _busy(f"the reward server is overloaded ({batcher.queued_tokens} tokens queued, this request "
-                        f"{tokens}, max_queue_tokens={settings.max_queue_tokens}); retry later",
-                        batcher.drain_estimate_s(tokens) / 2)
+        if batcher.queued_tokens and batcher.queued_tokens + tokens > limit:
+            raise refuse(f"the reward server is overloaded ({batcher.queued_tokens} tokens queued, this request "
+                         f"{tokens}, max_queue_tokens={settings.max_queue_tokens}); retry later",
+                         batcher.drain_estimate_s(tokens) / 2)
         job = Job([e.ids for e in encoded])
         job.truncation = {
             "prompts": sum(e.prompt_tokens_dropped > 0 for e in encoded),
@@ -350,6 +362,8 @@ def create_app(
             log.warning("cut the head of %d response(s) to max_length=%d (prompts fully dropped first)",
                         job.truncation["responses"], settings.max_length)
         batcher.submit(job)
+        if key is not None:
+            state.refused.pop(key, None)
         return job
 
     async def _answer(request: Request, job: Job, key: str | None) -> dict | JSONResponse:
