@@ -1,127 +1,284 @@
-"""Throughput of the HH reward server: requests/s and items/s under concurrent clients.
+"""Load test of the HH reward server: throughput, latency and lost rewards under the loads a trainer meets.
 
 Starts ``python -m verl_tre.reward_server`` as a separate process on a free loopback port (the tiny random
-model unless --model is given), then for each (clients, items per request) scenario sends --requests
-requests from that many threads and reports requests/s, items/s and latency percentiles.
+model unless --model is given) and runs, each for --seconds:
 
-    python benchmarks/bench_reward_server.py                       # tiny model on the CPU
-    python benchmarks/bench_reward_server.py --model DIR --clients 1 8 32 --items 8 64 --output bench.json
+* ``short``: --short-clients clients in a closed loop, each request --short-items short pairs;
+* ``short+long``: the same beside one client that sends one long pair per request (the pair fills
+  --long-tokens): short-request p99 here against ``short`` says what a long pair costs the others;
+* ``mixed``: --short-clients clients whose requests mix short pairs with long ones (each pair long with
+  probability --long-fraction): requests/s is the mixed-length throughput;
+* ``overload``: --overload-clients clients sending --overload-items pairs per request through the
+  project's client (``score_batch``), which backs off on 503/429: every reward must arrive;
+* ``restart``: --short-clients clients through ``score_batch`` while the server is stopped (SIGTERM) and
+  started again mid-load: every reward must arrive and equal the reward of the same pair scored alone.
+
+"Rewards lost" counts pairs whose reward never arrived or arrived wrong: a failed request, a wrong number
+of rewards, or (overload, restart) a value differing from the same pair scored again after the load.
+
+    python benchmarks/bench_reward_server.py                       # tiny model on the CPU, about 3 minutes
+    python benchmarks/bench_reward_server.py --model DIR --seconds 60 --output bench.json
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import random
+import signal
 import statistics
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
-from tqdm import tqdm
 
 from verl_tre.reward_server.background import free_port, wait_until_ready
 from verl_tre.reward_server.tiny import build_tiny_reward_model
+from verl_tre.utils.reward_score.hh import score_batch
 
 WORDS = "the a reward model scores each answer to every prompt with one number while training runs".split()
 
 
-def text(rng: random.Random, chars: int) -> str:
-    out = []
-    while sum(map(len, out)) + len(out) < chars:
-        out.append(rng.choice(WORDS))
-    return " ".join(out)
+def text(rng: random.Random, words: int) -> str:
+    return " ".join(rng.choice(WORDS) for _ in range(words))
 
 
-def run_scenario(url: str, clients: int, items: int, requests: int, prompt_chars: int, response_chars: int,
-                 seed: int) -> dict:
-    rng = random.Random(seed)
-    payloads = [{"prompts": [text(rng, prompt_chars) for _ in range(items)],
-                 "responses": [text(rng, rng.randint(response_chars // 2, response_chars)) for _ in range(items)]}
-                for _ in range(requests)]
-    latencies, errors, lock = [], [], threading.Lock()
-    next_index = iter(range(requests))
+def short_pair(rng: random.Random) -> tuple[str, str]:
+    return text(rng, rng.randint(20, 60)), text(rng, rng.randint(40, 120))
 
-    def client() -> None:
-        with httpx.Client(timeout=300) as http:
-            while True:
-                with lock:
-                    i = next(next_index, None)
-                if i is None:
-                    return
+
+def long_pair(rng: random.Random, tokens: int) -> tuple[str, str]:
+    # One word is one token of the Qwen2.5 vocabulary here; the prompt's head is cut to fit max_length.
+    return text(rng, tokens), text(rng, 200)
+
+
+class Server:
+    """The server as a child process; ``restart`` stops it with SIGTERM and starts it again on the same port."""
+
+    def __init__(self, model: Path, log_path: Path, extra: list[str]):
+        self.port = free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        self.cmd = [sys.executable, "-m", "verl_tre.reward_server", "--model", str(model), "--port", str(self.port),
+                    "--log-level", "warning", "--no-access-log", *extra]
+        self.log = open(log_path, "a")
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> dict:
+        self.proc = subprocess.Popen(self.cmd, stdout=self.log, stderr=subprocess.STDOUT)
+        return wait_until_ready(self.base, 600, alive=lambda: self.proc.poll() is None)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=90)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+    def close(self) -> None:
+        self.stop()
+        self.log.close()
+
+
+class Recorder:
+    """Latencies per client kind, failed requests and lost rewards, shared by the client threads. With
+    ``keep`` the answered pairs are kept so that their rewards can be checked afterwards."""
+
+    def __init__(self, keep: bool = False):
+        self.lock = threading.Lock()
+        self.latencies: dict[str, list[float]] = {}
+        self.requests = 0
+        self.pairs = 0
+        self.lost = 0
+        self.failures: list[str] = []
+        self.answered: list[tuple[tuple[str, str], float]] | None = [] if keep else None
+
+    def record(self, kind: str, pairs: list[tuple[str, str]], elapsed: float, rewards, failure: str | None) -> None:
+        ok = failure is None and isinstance(rewards, list) and len(rewards) == len(pairs)
+        with self.lock:
+            self.latencies.setdefault(kind, []).append(elapsed)
+            self.requests += 1
+            self.pairs += len(pairs)
+            if not ok:
+                self.lost += len(pairs)
+                self.failures.append(failure or "wrong number of rewards")
+            elif self.answered is not None:
+                self.answered.extend(zip(pairs, rewards))
+
+
+def wrong_rewards(url: str, answered: list[tuple[tuple[str, str], float]], chunk: int = 64) -> int:
+    """How many answered rewards differ from the same pairs scored again in a quiet server."""
+    wrong = 0
+    with httpx.Client(timeout=600, trust_env=False) as http:
+        for start in range(0, len(answered), chunk):
+            part = answered[start:start + chunk]
+            again, failure = raw_post(http, url, [pair for pair, _ in part])
+            if failure is not None:
+                return len(answered) - start
+            wrong += sum(not math.isclose(r, a, rel_tol=1e-4, abs_tol=1e-4) for (_, r), a in zip(part, again))
+    return wrong
+
+
+def raw_post(http: httpx.Client, url: str, pairs) -> tuple[list | None, str | None]:
+    """One POST, no retry (the load as the server sees it)."""
+    response = http.post(url, json={"prompts": [p for p, _ in pairs], "responses": [r for _, r in pairs]})
+    if response.status_code != 200:
+        return None, f"HTTP {response.status_code}"
+    return response.json()["rewards"], None
+
+
+def project_client(url: str, pairs) -> tuple[list | None, str | None]:
+    """The project's client, as the trainer calls it (retries, back-off, deadline)."""
+    try:
+        return score_batch([p for p, _ in pairs], [r for _, r in pairs], url=url, batch_size=len(pairs)), None
+    except Exception as exc:  # noqa: BLE001 - a benchmark counts every failure instead of stopping
+        return None, f"{type(exc).__name__}: {str(exc)[:200]}"
+
+
+def run_clients(clients: list[tuple[str, Callable[[random.Random], list], bool]], url: str, seconds: float,
+                recorder: Recorder, seed: int, during: Callable[[], None] | None = None) -> float:
+    """Run closed-loop clients (kind, request maker, through the project's client?) for ``seconds``."""
+    stop_at = time.monotonic() + seconds
+
+    def loop(index: int, kind: str, make, patient: bool) -> None:
+        rng = random.Random(seed * 1000 + index)
+        with httpx.Client(timeout=600, trust_env=False) as http:
+            while time.monotonic() < stop_at:
+                pairs = make(rng)
                 start = time.perf_counter()
-                response = http.post(url, json=payloads[i])
-                elapsed = time.perf_counter() - start
-                with lock:
-                    latencies.append(elapsed)
-                    if response.status_code != 200 or len(response.json()["rewards"]) != items:
-                        errors.append(response.status_code)
+                try:
+                    rewards, failure = project_client(url, pairs) if patient else raw_post(http, url, pairs)
+                except httpx.HTTPError as exc:
+                    rewards, failure = None, f"{type(exc).__name__}"
+                recorder.record(kind, pairs, time.perf_counter() - start, rewards, failure)
 
-    threads = [threading.Thread(target=client) for _ in range(clients)]
+    threads = [threading.Thread(target=loop, args=(i, *c)) for i, c in enumerate(clients)]
     start = time.perf_counter()
     for t in threads:
         t.start()
+    if during is not None:
+        during()
     for t in threads:
         t.join()
-    wall = time.perf_counter() - start
-    latencies.sort()
-    return {
-        "clients": clients, "items_per_request": items, "requests": requests, "errors": len(errors),
-        "requests_per_s": requests / wall, "items_per_s": requests * items / wall,
-        "latency_p50_ms": 1000 * statistics.median(latencies),
-        "latency_p95_ms": 1000 * latencies[min(len(latencies) - 1, int(0.95 * len(latencies)))],
-    }
+    return time.perf_counter() - start
+
+
+def server_counts(base: str) -> dict[str, int]:
+    """The server's own counters (requests answered, refused as overloaded, deduplicated, dropped, passes)."""
+    body = httpx.get(f"{base}/health", timeout=60, trust_env=False).json()
+    counts = {k: v for k, v in body.get("served", {}).items() if isinstance(v, int)}
+    counts["forward_passes"] = body.get("forward_passes", 0)
+    return counts
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
+
+
+def summary(name: str, recorder: Recorder, wall: float) -> dict:
+    row = {"scenario": name, "wall_s": wall, "requests": recorder.requests, "pairs": recorder.pairs,
+           "requests_per_s": recorder.requests / wall, "pairs_per_s": recorder.pairs / wall,
+           "rewards_lost": recorder.lost, "failed_requests": len(recorder.failures),
+           "failures": sorted(set(recorder.failures))[:5]}
+    for kind, values in recorder.latencies.items():
+        row[f"{kind}_p50_s"] = statistics.median(values)
+        row[f"{kind}_p99_s"] = percentile(values, 0.99)
+        row[f"{kind}_requests"] = len(values)
+    return row
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", type=Path, help="reward model directory (default: build the tiny random model)")
-    p.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16], help="concurrent clients per scenario")
-    p.add_argument("--items", type=int, nargs="+", default=[1, 8, 32], help="pairs per request per scenario")
-    p.add_argument("--requests", type=int, default=200, help="requests per scenario (default %(default)s)")
-    p.add_argument("--prompt-chars", type=int, default=200)
-    p.add_argument("--response-chars", type=int, default=600, help="longest response (chars); shortest is half")
+    p.add_argument("--scenarios", nargs="+", default=["short", "short+long", "mixed", "overload", "restart"],
+                   choices=["short", "short+long", "mixed", "overload", "restart"])
+    p.add_argument("--seconds", type=float, default=25.0, help="load duration per scenario (default %(default)s)")
+    p.add_argument("--short-clients", type=int, default=8)
+    p.add_argument("--short-items", type=int, default=4, help="pairs per short request")
+    p.add_argument("--long-tokens", type=int, default=4096, help="tokens of a long pair (max_length cuts it)")
+    p.add_argument("--long-fraction", type=float, default=0.1, help="share of long pairs in the mixed load")
+    p.add_argument("--mixed-items", type=int, default=8, help="pairs per request in the mixed load")
+    p.add_argument("--overload-clients", type=int, default=64)
+    p.add_argument("--overload-items", type=int, default=32, help="pairs per overload request (the trainer's "
+                                                                  "hh_batch_size)")
     p.add_argument("--server-args", default="", help="extra server flags, e.g. '--batch-tokens 8192'")
     p.add_argument("--output", type=Path, help="write the results as JSON here")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
-    if min(args.clients + args.items + [args.requests]) < 1:
-        p.error("--clients, --items and --requests must be positive")
 
+    results = []
     with tempfile.TemporaryDirectory() as tmp:
         model = args.model or build_tiny_reward_model(Path(tmp) / "tiny_rm")
-        port = free_port()
-        log = open(Path(tmp) / "server.log", "w")
-        server = subprocess.Popen(
-            [sys.executable, "-m", "verl_tre.reward_server", "--model", str(model), "--port", str(port),
-             "--log-level", "warning", "--no-access-log", "--max-items", str(max(args.items)),
-             *args.server_args.split()], stdout=log, stderr=subprocess.STDOUT)
+        server = Server(model, Path(tmp) / "server.log", args.server_args.split())
         try:
-            health = wait_until_ready(f"http://127.0.0.1:{port}", 600, alive=lambda: server.poll() is None)
-            url = f"http://127.0.0.1:{port}/predict"
-            run_scenario(url, 1, 1, 5, args.prompt_chars, args.response_chars, args.seed)  # warm-up
-            scenarios = [(c, i) for c in args.clients for i in args.items]
-            results = [run_scenario(url, c, i, args.requests, args.prompt_chars, args.response_chars, args.seed)
-                       for c, i in tqdm(scenarios, desc="scenarios")]
-        finally:
-            server.terminate()
-            server.wait(timeout=60)
-            log.close()
+            health = server.start()
+            url = f"{server.base}/predict"
+            short = ("short", lambda rng: [short_pair(rng) for _ in range(args.short_items)], False)
+            long = ("long", lambda rng: [long_pair(rng, args.long_tokens)], False)
+            mixed = ("mixed", lambda rng: [long_pair(rng, args.long_tokens) if rng.random() < args.long_fraction
+                                           else short_pair(rng) for _ in range(args.mixed_items)], False)
+            run_clients([short], url, 3.0, Recorder(), args.seed)  # warm-up
+            for name in args.scenarios:
+                recorder = Recorder(keep=name in ("overload", "restart"))
+                during = None
+                if name == "short":
+                    clients = [short] * args.short_clients
+                elif name == "short+long":
+                    clients = [short] * args.short_clients + [long]
+                elif name == "mixed":
+                    clients = [mixed] * args.short_clients
+                elif name == "overload":
+                    clients = [("overload", lambda rng: [short_pair(rng) for _ in range(args.overload_items)],
+                                True)] * args.overload_clients
+                else:
+                    clients = [("restart", short[1], True)] * args.short_clients
 
-    print(f"model {model} on {health['devices']} ({os.cpu_count()} CPU cores visible), "
-          f"prompts ~{args.prompt_chars} chars, responses {args.response_chars // 2}-{args.response_chars} chars")
-    print(f"{'clients':>7} {'items/req':>9} {'req/s':>8} {'items/s':>9} {'p50 ms':>8} {'p95 ms':>8} {'errors':>6}")
+                    def during() -> None:
+                        time.sleep(args.seconds / 3)
+                        server.stop()
+                        server.start()
+                before = server_counts(server.base)
+                wall = run_clients(clients, url, args.seconds, recorder, args.seed, during)
+                row = summary(name, recorder, wall)
+                after = server_counts(server.base)
+                if name != "restart":  # a restarted server counts from zero
+                    row["server"] = {k: after[k] - before.get(k, 0) for k in after}
+                if recorder.answered is not None:  # answered but wrong (lost or mixed up) counts as lost
+                    row["rewards_wrong"] = wrong_rewards(url, recorder.answered)
+                    row["rewards_lost"] += row["rewards_wrong"]
+                results.append(row)
+                print(json.dumps(row), flush=True)
+        finally:
+            server.close()
+
+    print(f"\nmodel {model} on {health['devices']} ({os.cpu_count()} CPU cores visible), {args.seconds:.0f} s per "
+          f"scenario, {args.short_clients} short clients x {args.short_items} pairs, long pair {args.long_tokens} "
+          "tokens")
+    print(f"{'scenario':>10} {'req/s':>7} {'pairs/s':>8} {'short p50':>9} {'short p99':>9} {'other p50':>9} "
+          f"{'other p99':>9} {'failed':>6} {'lost':>5}")
     for r in results:
-        print(f"{r['clients']:>7} {r['items_per_request']:>9} {r['requests_per_s']:>8.1f} {r['items_per_s']:>9.1f} "
-              f"{r['latency_p50_ms']:>8.1f} {r['latency_p95_ms']:>8.1f} {r['errors']:>6}")
+        kind = {"short": "short", "short+long": "short", "mixed": "mixed", "overload": "overload",
+                "restart": "restart"}[r["scenario"]]
+        other = "long" if r["scenario"] == "short+long" else None
+        print(f"{r['scenario']:>10} {r['requests_per_s']:>7.2f} {r['pairs_per_s']:>8.1f} "
+              f"{r.get(kind + '_p50_s', float('nan')):>9.3f} {r.get(kind + '_p99_s', float('nan')):>9.3f} "
+              f"{r.get(f'{other}_p50_s', float('nan')) if other else float('nan'):>9.3f} "
+              f"{r.get(f'{other}_p99_s', float('nan')) if other else float('nan'):>9.3f} "
+              f"{r['failed_requests']:>6} {r['rewards_lost']:>5}")
     if args.output:
         tmp_out = args.output.with_name(args.output.name + ".tmp")
-        tmp_out.write_text(json.dumps({"devices": health["devices"], "results": results}, indent=2))
+        tmp_out.write_text(json.dumps({"devices": health["devices"], "args": vars(args) | {"model": str(model)},
+                                       "results": results}, indent=2, default=str))
         os.replace(tmp_out, args.output)
     return results
 

@@ -24,7 +24,7 @@ pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
 from verl_tre.reward_server.background import free_port, serve_in_background, wait_until_ready  # noqa: E402
-from verl_tre.reward_server.batching import TokenBudgetBatcher  # noqa: E402
+from verl_tre.reward_server.batching import SIMILAR, Job, LengthAwareBatcher  # noqa: E402
 from verl_tre.reward_server.encoding import PairEncoder  # noqa: E402
 from verl_tre.reward_server.settings import ServerSettings  # noqa: E402
 from verl_tre.reward_server.tiny import build_tiny_reward_model  # noqa: E402
@@ -32,7 +32,8 @@ from verl_tre.utils.reward_score.hh import RewardServerError, score_batch  # noq
 
 REPO = Path(__file__).resolve().parents[1]
 TOKEN = "s3cret-token"
-LIMITS = dict(max_items=8, max_chars=4000, max_length=96, batch_tokens=256)
+# chunk_tokens=64: the longer pairs below (and every truncated one) take the chunked KV-cache path.
+LIMITS = dict(max_items=8, max_chars=4000, max_length=96, batch_tokens=256, chunk_tokens=64)
 
 POOL = [
     ("What is 2 + 2?", "4"),
@@ -83,6 +84,8 @@ def server(model_dir):
 
 def post(base_url, json=None, content=None, token=TOKEN, headers=None):
     headers = dict(headers or {})
+    if content is not None:
+        headers.setdefault("Content-Type", "application/json")
     if token is not None:
         headers["Authorization"] = f"Bearer {token}"
     return httpx.post(f"{base_url}/predict", json=json, content=content, headers=headers, timeout=60)
@@ -95,12 +98,16 @@ def score(base_url, pairs):
 
 
 def test_health_reports_model_devices_and_limits(server, model_dir):
-    body = httpx.get(f"{server}/health").json()
-    assert body["ready"] is True and body["error"] is None
-    assert body["model"] == str(model_dir)
+    body = httpx.get(f"{server}/health", headers={"Authorization": f"Bearer {TOKEN}"}).json()
+    assert body["ready"] is True and body["error"] is None and body["status"] == "ready"
+    assert body["model"] == str(model_dir) and body["authorized"] is True
     assert body["devices"] == ["cpu"] and body["replicas"] == 1
     assert body["auth"] is True
     assert {k: body["limits"][k] for k in LIMITS} == LIMITS
+    # Without the token: no absolute path (the folder's name only), and the token is reported as not given.
+    anonymous = httpx.get(f"{server}/health").json()
+    assert anonymous["model"] == model_dir.name and str(model_dir) not in str(anonymous)
+    assert anonymous["authorized"] is False
 
 
 def test_rewards_match_reference_alone_and_batched(server, reference):
@@ -221,6 +228,14 @@ BAD_REQUESTS = [
     ("too many characters", dict(json={"prompts": ["a" * 3000], "responses": ["b" * 1001]}), 413, "max_chars=4000"),
     ("oversized body", dict(content=b" " * (12 * 4000 + (1 << 20) + 1)), 413, "max_body_bytes"),
     ("oversized chunked body", dict(content=iter([b" " * 700_000] * 2)), 413, "max_body_bytes"),
+    ("text/plain body", dict(content=b'{"prompts": ["a"], "responses": ["b"]}', headers={"Content-Type": "text/plain"}),
+     415, "application/json"),
+    ("form body", dict(content=b"prompts=a&responses=b",
+                       headers={"Content-Type": "application/x-www-form-urlencoded"}), 415, "is not JSON"),
+    ("no content type", dict(content=b'{"prompts": ["a"], "responses": ["b"]}', headers={"Content-Type": ""}),
+     415, "is not JSON"),
+    ("overlong Idempotency-Key", dict(json={"prompts": ["a"], "responses": ["b"]},
+                                      headers={"Idempotency-Key": "k" * 201}), 422, "Idempotency-Key"),
     ("wrong token", dict(json={"prompts": ["a"], "responses": ["b"]}, token="nope"), 401, "bearer token"),
     ("missing token", dict(json={"prompts": ["a"], "responses": ["b"]}, token=None), 401, "bearer token"),
 ]
@@ -258,31 +273,42 @@ def test_sixteen_concurrent_clients_get_their_own_answers_in_order(server, refer
     assert len(done) == 16 * 20 and not failures, failures[:3]
 
 
-def test_batcher_shares_passes_across_requests_and_keeps_order():
-    """Dynamic batching alone, with a scorer whose answer is a function of the ids it saw."""
+class _Recorder:
+    """A scorer whose answer is a function of the ids it saw; records each pass's row lengths."""
+
+    def __init__(self, seen, delay_s=0.01):
+        self.seen, self.delay_s = seen, delay_s
+
+    def score(self, batch):
+        self.seen.append([len(ids) for ids in batch])
+        time.sleep(self.delay_s)
+        return [float(sum(ids)) for ids in batch]
+
+
+def test_batcher_shares_passes_across_requests_by_length_and_keeps_order():
+    """Dynamic batching alone: items of different requests share passes, only with items of similar length."""
     import asyncio
 
     seen = []
 
-    class Recorder:
-        def score(self, batch):
-            seen.append([len(ids) for ids in batch])
-            time.sleep(0.01)
-            return [float(sum(ids)) for ids in batch]
-
     async def run():
-        batcher = TokenBudgetBatcher([Recorder(), Recorder()], batch_tokens=40)
+        batcher = LengthAwareBatcher([_Recorder(seen), _Recorder(seen)], batch_tokens=40)
         batcher.start()
         rng = random.Random(0)
         requests = [[[rng.randint(0, 9) for _ in range(rng.randint(1, 12))] for _ in range(rng.randint(1, 6))]
                     for _ in range(30)]
-        results = await asyncio.gather(*(batcher.submit(r) for r in requests))
+        jobs = [Job(r) for r in requests]
+        for job in jobs:
+            batcher.submit(job)
+        results = await asyncio.gather(*(job.wait() for job in jobs))
         await batcher.close()
         return requests, results
 
     requests, results = asyncio.run(run())
     assert results == [[float(sum(ids)) for ids in r] for r in requests]
     assert all(max(b) * len(b) <= 40 for b in seen)
+    assert all(max(b) <= SIMILAR ** 2 * min(b) for b in seen)  # a short item is never padded to a long one
+    assert sum(map(len, seen)) == sum(map(len, requests))  # each item scored exactly once
     assert len(seen) < sum(len(r) for r in requests) / 2  # items of different requests shared passes
 
 

@@ -1,7 +1,8 @@
 """``python -m verl_tre.reward_server --model DIR``: serve a scalar reward model over HTTP.
 
 The model directory may also come from HH_REWARD_MODEL_PATH and the bearer token from REWARD_SERVER_TOKEN
-(better than --token, which other users can read in the process list). Binds 127.0.0.1:8888 by default.
+(better than --token, which other users can read in the process list); an empty token means no auth.
+Binds 127.0.0.1:8888 by default; the port is bound before the model loads, so a taken one fails at once.
 """
 
 from __future__ import annotations
@@ -25,8 +26,9 @@ def parse_args(argv: list[str] | None = None) -> ServerSettings:
     p.add_argument("--host", default=defaults["host"].default, help="bind address (default %(default)s)")
     p.add_argument("--port", type=int, default=defaults["port"].default, help="(default %(default)s)")
     p.add_argument("--token", default=os.environ.get(TOKEN_ENV) or None,
-                   help=f"require 'Authorization: Bearer TOKEN' on /predict (default: ${TOKEN_ENV}, else none)")
-    for name in ("max_items", "max_chars", "max_length", "batch_tokens"):
+                   help=f"require 'Authorization: Bearer TOKEN' on /predict (default: ${TOKEN_ENV}, else none; "
+                        "'' means none)")
+    for name in ("max_items", "max_chars", "max_length", "batch_tokens", "chunk_tokens", "max_queue_tokens"):
         p.add_argument("--" + name.replace("_", "-"), type=int, default=defaults[name].default,
                        help=f"{defaults[name].description} (default %(default)s)")
     p.add_argument("--devices", default="auto", help=defaults["devices"].description)
@@ -51,22 +53,35 @@ def parse_args(argv: list[str] | None = None) -> ServerSettings:
 def main(argv: list[str] | None = None) -> int:
     settings = parse_args(argv)  # fails fast, before torch and the model are loaded
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    warning = settings.exposure_warning()
+    if warning:
+        logging.getLogger("verl_tre.reward_server").warning(warning)
+
+    from .serve import bind
+
+    try:
+        sock = bind(settings.host, settings.port)
+    except OSError as exc:
+        print(f"reward server: cannot listen on {settings.host}:{settings.port} ({exc.strerror or exc}); another "
+              "server may hold the port: stop it or pass another --port (REWARD_SERVER_PORT)", file=sys.stderr)
+        return 1
 
     import uvicorn
 
     from .app import create_app
+    from .serve import RewardServer
 
-    server: uvicorn.Server | None = None
+    server: RewardServer | None = None
 
     def stop() -> None:
         server.should_exit = True
 
     app = create_app(settings, on_load_failure=stop)
-    server = uvicorn.Server(uvicorn.Config(
+    server = RewardServer(app, uvicorn.Config(
         app, host=settings.host, port=settings.port, log_level=settings.log_level,
         access_log=settings.access_log, timeout_graceful_shutdown=settings.shutdown_grace_s,
     ))
-    server.run()
+    server.run(sockets=[sock])
     if app.state.reward.error:
         print(f"reward server: {app.state.reward.error}", file=sys.stderr)
         return 1

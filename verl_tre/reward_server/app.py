@@ -1,17 +1,28 @@
 """The FastAPI app: POST /predict scores (prompt, response) pairs, GET /health says whether it can.
 
-Protocol: ``POST /predict {"prompts": [str], "responses": [str]}`` -> ``200 {"rewards": [float], "truncation":
-{...}}`` in input order. Errors: 401 wrong or missing bearer token (when one is set), 413 over a limit, 422
-malformed, 503 while the model loads or the server stops, 500 if scoring itself fails. Every error carries a
-``detail`` that names the problem and the fix. The model loads in the background so /health answers at once.
+Protocol: ``POST /predict {"prompts": [str], "responses": [str]}`` (``Content-Type: application/json``) ->
+``200 {"rewards": [float], "truncation": {...}}`` in input order. An ``Idempotency-Key`` header makes retries
+safe: a request with the key of one still being scored waits for that work instead of repeating it, and
+one already answered (within ``IDEMPOTENCY_TTL_S``) gets the same answer again.
+
+Errors, each with a JSON ``detail`` that names the problem and the fix: 401 wrong or missing bearer token
+(when one is set), 409 an Idempotency-Key reused for a different body, 413 over a limit, 415 not JSON, 422
+malformed, 503 with ``Retry-After`` while the model loads, when the queue is full (over
+``max_queue_tokens``; twice that for the retry of a request refused before) or while the server stops, 500
+if loading or scoring failed. The model loads in the
+background so /health answers at once. A request whose client disconnects is dropped from the queue.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import ipaddress
 import logging
 import math
 import secrets
+import time
+from collections import OrderedDict
 from collections.abc import Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -21,16 +32,20 @@ from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, StrictStr, ValidationError
 
-from .batching import ShuttingDown, TokenBudgetBatcher
+from .batching import Job, LengthAwareBatcher, ShuttingDown
 from .encoding import PairEncoder
 from .settings import ServerSettings
 
 log = logging.getLogger(__name__)
 
 PROTOCOL_HINT = 'expected a JSON object {"prompts": [str, ...], "responses": [str, ...]} with one response per prompt'
+IDEMPOTENCY_TTL_S = 600.0
+IDEMPOTENCY_MAX_JOBS = 4096
 
 
 class PredictRequest(BaseModel):
+    """The /predict body: one response per prompt, in order."""
+
     model_config = ConfigDict(extra="forbid")
 
     prompts: list[StrictStr]
@@ -53,7 +68,11 @@ def load_model(settings: ServerSettings) -> Loaded:
 
     from .replicas import Replica, resolve_devices, resolve_dtype
 
-    tokenizer = AutoTokenizer.from_pretrained(settings.model_path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(settings.model_path)
+    except (OSError, TypeError, ValueError) as exc:
+        raise ValueError(f"could not load a tokenizer from {settings.model_path} ({type(exc).__name__}: {exc}); save "
+                         "the tokenizer the reward model was trained with next to it") from exc
     encoder = PairEncoder(tokenizer, settings.max_length)
     devices = resolve_devices(settings.devices)
     scorers = [
@@ -64,17 +83,67 @@ def load_model(settings: ServerSettings) -> Loaded:
     return Loaded(encoder, scorers, [str(d) for d in devices], dtype)
 
 
+class _Jobs:
+    """Jobs by Idempotency-Key with the body's hash; finished or abandoned ones expire ``IDEMPOTENCY_TTL_S``
+    after they were created, and the oldest go beyond ``IDEMPOTENCY_MAX_JOBS``."""
+
+    def __init__(self):
+        self._jobs: OrderedDict[str, tuple[str, Job, float]] = OrderedDict()
+
+    def get(self, key: str) -> tuple[str, Job] | None:
+        self._expire()
+        entry = self._jobs.get(key)
+        return None if entry is None else entry[:2]
+
+    def put(self, key: str, fingerprint: str, job: Job) -> None:
+        self._jobs[key] = (fingerprint, job, time.monotonic())
+        self._expire()
+
+    def drop(self, key: str) -> None:
+        self._jobs.pop(key, None)
+
+    def _expire(self) -> None:
+        now = time.monotonic()
+        while self._jobs:
+            key, (_, job, created) = next(iter(self._jobs.items()))
+            settled = job.finished or job.cancelled  # a job still being scored is kept
+            if len(self._jobs) <= IDEMPOTENCY_MAX_JOBS and (not settled or now - created < IDEMPOTENCY_TTL_S):
+                break
+            self._jobs.popitem(last=False)
+
+
 @dataclass
 class _State:
     settings: ServerSettings
     loaded: Loaded | None = None
-    batcher: TokenBudgetBatcher | None = None
+    batcher: LengthAwareBatcher | None = None
     error: str | None = None
-    served: dict[str, int] = field(default_factory=lambda: {"requests": 0, "items": 0, "truncated_items": 0})
+    stopping: bool = False
+    jobs: _Jobs = field(default_factory=_Jobs)
+    refused: OrderedDict = field(default_factory=OrderedDict)  # Idempotency-Keys refused as overloaded
+    served: dict[str, int] = field(default_factory=lambda: {
+        "requests": 0, "items": 0, "truncated_items": 0, "deduplicated": 0, "cancelled": 0, "rejected": 0})
 
     @property
     def ready(self) -> bool:
-        return self.batcher is not None
+        return self.batcher is not None and not self.stopping
+
+    @property
+    def status(self) -> str:
+        if self.stopping:
+            return "stopping"
+        if self.error:
+            return "failed"
+        return "ready" if self.batcher is not None else "loading"
+
+    def begin_stopping(self, grace_s: float) -> None:
+        """Called when the server starts to stop: refuse new work, and fail what is still queued with a 503
+        before the grace period ends (after it, uvicorn cancels the requests outright)."""
+        self.stopping = True
+        if self.batcher is not None:
+            error = ShuttingDown("the reward server is shutting down; retry in a few seconds")
+            asyncio.get_running_loop().call_later(max(0.05, min(0.8 * grace_s, grace_s - 0.5)),
+                                                  self.batcher.fail_all, error)
 
 
 def _validation_message(exc: ValidationError) -> str:
@@ -101,13 +170,36 @@ async def _read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
+def _is_json(content_type: str | None) -> bool:
+    media = (content_type or "").split(";", 1)[0].strip().lower()
+    return media == "application/json" or (media.startswith("application/") and media.endswith("+json"))
+
+
+async def _client_gone(request: Request) -> None:
+    """Returns when the client disconnects (the body has been read: the next message is the disconnect)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+def _is_loopback(host: str | None) -> bool:
+    try:
+        return host is not None and ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _busy(detail: str, retry_after_s: float) -> HTTPException:
+    return HTTPException(503, detail, headers={"Retry-After": str(max(1, min(30, math.ceil(retry_after_s))))})
+
+
 def create_app(
     settings: ServerSettings,
     loader: Callable[[ServerSettings], Loaded] = load_model,
     on_load_failure: Callable[[], None] | None = None,
 ) -> FastAPI:
-    """Build the app. ``loader`` runs in a thread at startup; if it raises, /health reports the error with 503
-    and ``on_load_failure`` (the CLI passes one that stops the server) is called."""
+    """Build the app. ``loader`` runs in a thread at startup; if it raises, /health reports the failure with
+    503 and ``on_load_failure`` (the CLI passes one that stops the server) is called. Serve it with
+    :class:`verl_tre.reward_server.serve.RewardServer` so that a stop past the grace period answers 503."""
     state = _State(settings)
 
     async def load() -> None:
@@ -120,7 +212,7 @@ def create_app(
                 on_load_failure()
             return
         state.loaded = loaded
-        batcher = TokenBudgetBatcher(loaded.scorers, settings.batch_tokens)
+        batcher = LengthAwareBatcher(loaded.scorers, settings.batch_tokens, settings.chunk_tokens)
         batcher.start()
         state.batcher = batcher
         log.info("reward server ready on %s (%d replica(s))", ", ".join(loaded.devices), len(loaded.scorers))
@@ -140,11 +232,14 @@ def create_app(
     app.state.reward = state
     bearer = HTTPBearer(auto_error=False)
 
-    def authorize(credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
+    def token_ok(credentials: HTTPAuthorizationCredentials | None) -> bool:
         if settings.token is None:
-            return
+            return True
         expected = settings.token.get_secret_value().encode()
-        if credentials is None or not secrets.compare_digest(credentials.credentials.encode(), expected):
+        return credentials is not None and secrets.compare_digest(credentials.credentials.encode(), expected)
+
+    def authorize(credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
+        if not token_ok(credentials):
             raise HTTPException(
                 401,
                 "missing or wrong bearer token: send 'Authorization: Bearer <token>' with the server's "
@@ -153,27 +248,84 @@ def create_app(
             )
 
     @app.get("/health")
-    async def health() -> JSONResponse:
+    async def health(request: Request, credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> JSONResponse:
+        authorized = token_ok(credentials)
+        # The model's location and load errors are for the operator: the token holder, or (no token) this machine.
+        details = authorized if settings.token is not None else _is_loopback(request.client and request.client.host)
+        error = state.error if details or state.error is None else "loading the model failed; see the server's log"
         body = {
             "ready": state.ready,
-            "model": str(settings.model_path),
+            "status": state.status,
+            "model": str(settings.model_path) if details else settings.model_path.name,
             "devices": state.loaded.devices if state.loaded else [],
             "replicas": len(state.loaded.scorers) if state.loaded else 0,
             "dtype": state.loaded.dtype if state.loaded else settings.dtype,
             "limits": settings.limits(),
             "auth": settings.token is not None,
+            "authorized": authorized,
             "served": dict(state.served),
             "forward_passes": state.batcher.forward_passes if state.batcher else 0,
-            "error": state.error,
+            "queued_tokens": state.batcher.queued_tokens if state.batcher else 0,
+            "error": error,
         }
         return JSONResponse(body, status_code=200 if state.ready else 503)
 
-    @app.post("/predict", dependencies=[Depends(authorize)])
+    openapi_body = {"requestBody": {"required": True, "content": {
+        "application/json": {"schema": PredictRequest.model_json_schema()}}}, "parameters": [
+        {"name": "Idempotency-Key", "in": "header", "required": False, "schema": {"type": "string", "maxLength": 200},
+         "description": "the same key on every try of one request: a retry is never scored twice"}]}
+
+    @app.post("/predict", dependencies=[Depends(authorize)], openapi_extra=openapi_body)
     async def predict(request: Request) -> dict:
+        if state.stopping:
+            raise _busy("the reward server is shutting down; retry in a few seconds", 2)
+        if state.error:
+            raise HTTPException(500, f"loading the model failed: {state.error}; fix it and restart the server")
         if not state.ready:
-            why = f"loading the model failed: {state.error}" if state.error else "the model is still loading; retry"
-            raise HTTPException(503, why, headers={"Retry-After": "2"})
+            raise _busy("the model is still loading; retry (GET /health says when it is ready)", 5)
+        if not _is_json(request.headers.get("content-type")):
+            raise HTTPException(415, f"Content-Type {request.headers.get('content-type')!r} is not JSON: send "
+                                     f"'Content-Type: application/json' and {PROTOCOL_HINT}")
         body = await _read_body(request, settings.max_body_bytes)
+        key = request.headers.get("idempotency-key")
+        if key is not None and not 0 < len(key) <= 200:
+            raise HTTPException(422, "Idempotency-Key must have 1 to 200 characters")
+        fingerprint = hashlib.sha256(body).hexdigest()
+        known = state.jobs.get(key) if key else None
+        if known is not None:
+            if known[0] != fingerprint:
+                raise HTTPException(409, "this Idempotency-Key was used for a different request body; use a new "
+                                         "key for each request (the same one only for its retries)")
+            job = known[1]
+            state.served["deduplicated"] += 1
+            if job.answer is not None:
+                return job.answer
+            if job.cancelled:
+                state.batcher.submit(job)  # what was scored before its client left is kept
+        else:
+            job = await _admit(body, key)
+            if key:
+                state.jobs.put(key, fingerprint, job)
+        return await _answer(request, job, key)
+
+    async def _admit(body: bytes, key: str | None) -> Job:
+        batcher = state.batcher
+        # A request refused before (same key) may fill the queue to twice the bound: it is not refused again
+        # and again while newer requests slip in. Retry-After is half the queue's estimated drain time:
+        # refused clients return before it runs empty.
+        limit = settings.max_queue_tokens * (2 if key is not None and key in state.refused else 1)
+
+        def refuse(detail: str, retry_after_s: float) -> HTTPException:
+            state.served["rejected"] += 1
+            if key is not None:
+                state.refused[key] = None
+                while len(state.refused) > IDEMPOTENCY_MAX_JOBS:
+                    state.refused.popitem(last=False)
+            return _busy(detail, retry_after_s)
+
+        if batcher.queued_tokens >= limit:
+            raise refuse(f"the reward server is overloaded ({batcher.queued_tokens} tokens queued, max_queue_tokens="
+                         f"{settings.max_queue_tokens}); retry later", batcher.drain_estimate_s() / 2)
         try:
             payload = PredictRequest.model_validate_json(body)
         except ValidationError as exc:
@@ -191,30 +343,64 @@ def create_app(
         if chars > settings.max_chars:
             raise HTTPException(413, f"{chars} characters exceed max_chars={settings.max_chars}; split the "
                                      "request or raise the server's --max-chars")
-
         encoded = await asyncio.to_thread(state.loaded.encoder.encode, payload.prompts, payload.responses)
-        try:
-            rewards = await state.batcher.submit([e.ids for e in encoded])
-        except ShuttingDown as exc:
-            raise HTTPException(503, str(exc), headers={"Retry-After": "2"}) from None
-        except Exception as exc:
-            raise HTTPException(500, f"scoring failed: {type(exc).__name__}: {exc}") from None
-        if not all(math.isfinite(r) for r in rewards):
-            raise HTTPException(500, "the reward model produced a non-finite reward; check the model and --dtype")
-
-        truncation = {
+        tokens = sum(len(e.ids) for e in encoded)
+        # An empty queue takes any request (within the limits above), so that none is refused forever.
+        if batcher.queued_tokens and batcher.queued_tokens + tokens > limit:
+            raise refuse(f"the reward server is overloaded ({batcher.queued_tokens} tokens queued, this request "
+                         f"{tokens}, max_queue_tokens={settings.max_queue_tokens}); retry later",
+                         batcher.drain_estimate_s(tokens) / 2)
+        job = Job([e.ids for e in encoded])
+        job.truncation = {
             "prompts": sum(e.prompt_tokens_dropped > 0 for e in encoded),
             "responses": sum(e.response_tokens_dropped > 0 for e in encoded),
             "prompt_tokens_dropped": sum(e.prompt_tokens_dropped for e in encoded),
             "response_tokens_dropped": sum(e.response_tokens_dropped for e in encoded),
         }
-        cut = sum(e.prompt_tokens_dropped + e.response_tokens_dropped > 0 for e in encoded)
-        if truncation["responses"]:
+        job.cut = sum(e.prompt_tokens_dropped + e.response_tokens_dropped > 0 for e in encoded)
+        if job.truncation["responses"]:
             log.warning("cut the head of %d response(s) to max_length=%d (prompts fully dropped first)",
-                        truncation["responses"], settings.max_length)
-        state.served["requests"] += 1
-        state.served["items"] += n
-        state.served["truncated_items"] += cut
-        return {"rewards": rewards, "truncation": truncation}
+                        job.truncation["responses"], settings.max_length)
+        batcher.submit(job)
+        if key is not None:
+            state.refused.pop(key, None)
+        return job
+
+    async def _answer(request: Request, job: Job, key: str | None) -> dict | JSONResponse:
+        """Wait for the job's rewards, or drop its work if the client leaves first (and no retry waits)."""
+        job.waiters += 1
+        waiting = asyncio.ensure_future(job.wait())
+        gone = asyncio.ensure_future(_client_gone(request))
+        try:
+            await asyncio.wait({waiting, gone}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            job.waiters -= 1
+            gone.cancel()
+            if not waiting.done():
+                waiting.cancel()
+        if not waiting.done() or waiting.cancelled():
+            if job.waiters == 0 and not job.finished:
+                state.batcher.cancel(job)
+                state.served["cancelled"] += 1
+                log.info("client left; dropped the %d unscored item(s) of its request", job.missing)
+            return JSONResponse({"detail": "client disconnected"}, status_code=499)
+        try:
+            rewards = waiting.result()
+        except ShuttingDown as exc:
+            if key:
+                state.jobs.drop(key)
+            raise _busy(str(exc), 2) from None
+        except Exception as exc:
+            if key:
+                state.jobs.drop(key)
+            raise HTTPException(500, f"scoring failed: {type(exc).__name__}: {exc}") from None
+        if not all(math.isfinite(r) for r in rewards):
+            raise HTTPException(500, "the reward model produced a non-finite reward; check the model and --dtype")
+        if job.answer is None:
+            state.served["requests"] += 1
+            state.served["items"] += len(rewards)
+            state.served["truncated_items"] += job.cut
+            job.answer = {"rewards": rewards, "truncation": job.truncation}
+        return job.answer
 
     return app

@@ -72,3 +72,37 @@ class Replica:
         hidden = output.last_hidden_state
         last = hidden[torch.arange(len(batch), device=self.device), (lengths - 1).to(self.device)]
         return self.model.score(last).float().squeeze(-1).cpu().tolist()
+
+    def prefill(self, ids: list[int], chunk_tokens: int) -> "Prefill":
+        """A stepwise scorer of one long sequence, ``chunk_tokens`` at a time (see :class:`Prefill`)."""
+        return Prefill(self, ids, chunk_tokens)
+
+
+class Prefill:
+    """Scores one sequence in chunks through the model's KV cache: each :meth:`step` runs the next
+    ``chunk_tokens`` tokens and returns None, the last one returns the reward. Equal to one full forward
+    (causal attention: a token sees the same keys either way), but each step is a short forward pass, so
+    other batches can run between the steps."""
+
+    def __init__(self, replica: Replica, ids: list[int], chunk_tokens: int):
+        self.replica, self.ids, self.chunk_tokens = replica, ids, chunk_tokens
+        self.done_tokens = 0
+        self.cache = None
+
+    def step(self) -> float | None:
+        from transformers import DynamicCache
+
+        replica = self.replica
+        piece = self.ids[self.done_tokens:self.done_tokens + self.chunk_tokens]
+        with torch.inference_mode():  # per step: steps may run on different threads
+            if self.cache is None:
+                self.cache = DynamicCache()
+            input_ids = torch.tensor([piece], dtype=torch.long, device=replica.device)
+            output = replica.model.base_model(input_ids=input_ids, past_key_values=self.cache, use_cache=True)
+            self.cache = output.past_key_values
+            self.done_tokens += len(piece)
+            if self.done_tokens < len(self.ids):
+                return None
+            reward = replica.model.score(output.last_hidden_state[0, -1]).float().item()
+        self.cache = None  # free the device memory at once
+        return reward

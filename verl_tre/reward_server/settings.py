@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 from pathlib import Path
 from typing import Literal
 
@@ -9,6 +10,8 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, m
 
 MODEL_ENV = "HH_REWARD_MODEL_PATH"
 TOKEN_ENV = "REWARD_SERVER_TOKEN"
+# One of these next to config.json holds a vocabulary transformers can build a (fast) tokenizer from.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
 
 
 class ServerSettings(BaseModel):
@@ -28,6 +31,10 @@ class ServerSettings(BaseModel):
     max_chars: int = Field(8_000_000, ge=1, description="Most characters per request, prompts and responses together.")
     max_length: int = Field(4096, ge=32, description="Most tokens per templated pair; longer ones are truncated.")
     batch_tokens: int = Field(32_768, ge=32, description="Padded tokens per forward pass (rows x longest row).")
+    chunk_tokens: int = Field(256, ge=16, description="Pairs longer than this are scored alone, this many tokens "
+                                                       "per forward pass, between the passes of shorter pairs.")
+    max_queue_tokens: int = Field(262_144, ge=32, description="Tokens waiting to be scored beyond which new "
+                                                              "requests get 503 with Retry-After.")
     devices: str = Field("auto", description="'auto' (every visible GPU, else the CPU), 'cpu', or 'cuda:0,cuda:1'.")
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
     attn_implementation: str = "sdpa"
@@ -44,7 +51,22 @@ class ServerSettings(BaseModel):
                 f"{path} is not a saved model directory (no config.json); pass --model or set {MODEL_ENV} to the "
                 "output of experiments/hh/reward/train_reward_model.py"
             )
+        if not any((path / name).is_file() for name in TOKENIZER_FILES):
+            raise ValueError(
+                f"{path} has no tokenizer files (none of {', '.join(TOKENIZER_FILES)}); save the tokenizer the "
+                "reward model was trained with next to it: AutoTokenizer.from_pretrained(BASE).save_pretrained(DIR) "
+                "(train_reward_model.py does this)"
+            )
         return path
+
+    @field_validator("token", mode="before")
+    @classmethod
+    def _empty_token_is_none(cls, token):
+        # Like an empty REWARD_SERVER_TOKEN: no token means no auth, not a token nothing can match.
+        if token is None or (isinstance(token, str) and token == "") or (
+                isinstance(token, SecretStr) and token.get_secret_value() == ""):
+            return None
+        return token
 
     @field_validator("devices")
     @classmethod
@@ -64,7 +86,27 @@ class ServerSettings(BaseModel):
                 f"batch_tokens={self.batch_tokens} is below max_length={self.max_length}: one full-length item "
                 "must fit in a forward pass; raise --batch-tokens or lower --max-length"
             )
+        if self.chunk_tokens > self.batch_tokens:
+            raise ValueError(f"chunk_tokens={self.chunk_tokens} exceeds batch_tokens={self.batch_tokens}; lower "
+                             "--chunk-tokens")
         return self
+
+    @property
+    def loopback(self) -> bool:
+        """Whether only this machine can reach the server."""
+        if self.host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(self.host).is_loopback
+        except ValueError:
+            return False
+
+    def exposure_warning(self) -> str | None:
+        """A warning when other machines can reach a server that takes no token, else None."""
+        if self.token is None and not self.loopback:
+            return (f"binding {self.host} without a token: anyone who can reach port {self.port} can make this "
+                    f"server compute; set {TOKEN_ENV} (or --token) or bind 127.0.0.1")
+        return None
 
     @property
     def max_body_bytes(self) -> int:
@@ -78,5 +120,7 @@ class ServerSettings(BaseModel):
             "max_chars": self.max_chars,
             "max_length": self.max_length,
             "batch_tokens": self.batch_tokens,
+            "chunk_tokens": self.chunk_tokens,
+            "max_queue_tokens": self.max_queue_tokens,
             "max_body_bytes": self.max_body_bytes,
         }

@@ -2,8 +2,8 @@
 
     REWARD_SERVER_URL=http://127.0.0.1:8888/predict python experiments/hh/reward/test_reward_server.py
 
-Token from REWARD_SERVER_TOKEN. Exits 0 when the server is ready, answers every pair in order, and gives the
-same reward to a pair whether it comes alone or in a batch; prints what it saw either way.
+Token from REWARD_SERVER_TOKEN. Exits 0 when the server is ready, accepts the token, answers every pair in order,
+and gives the same reward to a pair whether it comes alone or in a batch; prints what it saw either way.
 """
 
 from __future__ import annotations
@@ -14,9 +14,7 @@ import os
 import sys
 import time
 
-import httpx
-
-from verl_tre.utils.reward_score.hh import DEFAULT_URL, RewardServerError, score_batch
+from verl_tre.utils.reward_score.hh import DEFAULT_URL, RewardServerError, check_reward_server, score_batch
 
 PAIRS = [
     ("What is the capital of France?", "The capital of France is Paris."),
@@ -36,20 +34,16 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     token = os.environ.get("REWARD_SERVER_TOKEN")
-    health_url = args.url.rsplit("/", 1)[0] + "/health"
     try:
-        health = httpx.get(health_url, timeout=30).json()
+        health = check_reward_server(args.url, token=token or "")  # ready, and the token (if needed) accepted
         print(f"health: ready={health.get('ready')} model={health.get('model')} devices={health.get('devices')} "
               f"limits={health.get('limits')}")
-        if not health.get("ready"):
-            print(f"FAILED: {health_url} says not ready: {health.get('error')}", file=sys.stderr)
-            return 1
         prompts, responses = [p for p, _ in PAIRS], [r for _, r in PAIRS]
         start = time.perf_counter()
         batched = score_batch(prompts, responses, url=args.url, token=token, max_retries=args.retries)
         elapsed = time.perf_counter() - start
         alone = score_batch(prompts, responses, url=args.url, token=token, max_retries=args.retries, batch_size=1)
-    except (httpx.HTTPError, ValueError, RewardServerError) as exc:
+    except (ValueError, RewardServerError) as exc:
         print(f"FAILED: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
 

@@ -41,8 +41,10 @@ class RewardOptions(BaseModel):
     hh_url: str | None = Field(None, description="reward server URL (default $REWARD_SERVER_URL)")
     hh_token: str | None = Field(None, description="bearer token (default $REWARD_SERVER_TOKEN)")
     hh_batch_size: int = Field(32, ge=1, description="pairs per HTTP request")
-    hh_timeout: float = Field(120.0, gt=0, description="seconds per HTTP request")
-    hh_max_retries: int = Field(5, ge=0, description="retries on connection errors and 5xx")
+    hh_timeout: float = Field(120.0, gt=0, description="seconds per try of an HTTP request")
+    hh_deadline: float = Field(hh_reward.DEFAULT_DEADLINE_S, gt=0,
+                               description="seconds a request may take in all, waiting through loads and restarts")
+    hh_max_retries: int | None = Field(None, ge=0, description="most retries per request (None: until hh_deadline)")
 
 
 def known_data_sources() -> list[str]:
@@ -105,6 +107,7 @@ def _score_all(
             token=options.hh_token,
             batch_size=options.hh_batch_size,
             timeout_s=options.hh_timeout,
+            deadline_s=options.hh_deadline,
             max_retries=options.hh_max_retries,
         )
         for i, reward in zip(hh_indices, rewards):
