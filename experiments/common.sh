@@ -11,7 +11,8 @@
 #   CRITIC_PATH  critic model (default MODEL_PATH: the paper's critic starts from the same model)
 #   DATA_DIR     directory with train.parquet and test.parquet (default ~/data/<task>)
 #   NNODES, N_GPUS_PER_NODE (default 1 and 8), PYTHON (default python3)
-#   REWARD_SERVER_URL (HH only; default http://127.0.0.1:8888/predict), REWARD_SERVER_TOKEN
+#   REWARD_SERVER_URL (HH only; default http://127.0.0.1:8888/predict), REWARD_SERVER_TOKEN: the launch checks the
+#   server's /health after validating the configuration, before Ray starts
 # Offline check: append verl_tre.dry_run=true to print the composed, validated config without starting anything.
 set -euo pipefail
 
@@ -25,36 +26,7 @@ CRITIC_PATH="${CRITIC_PATH:-$MODEL_PATH}"
 DATA_DIR="${DATA_DIR:-$HOME/data/$TASK}"
 PYTHON="${PYTHON:-python3}"
 
-# Exits with instructions unless the HH reward server answers GET <base of REWARD_SERVER_URL>/health.
-check_reward_server() {
-  local url="${REWARD_SERVER_URL:-http://127.0.0.1:8888/predict}"
-  local health="${url%/*}/health"
-  if ! "$PYTHON" - "$health" <<'PY'
-import os, sys, urllib.request
-request = urllib.request.Request(sys.argv[1])
-if os.environ.get("REWARD_SERVER_TOKEN"):
-    request.add_header("Authorization", "Bearer " + os.environ["REWARD_SERVER_TOKEN"])
-try:
-    with urllib.request.urlopen(request, timeout=10) as response:
-        sys.exit(0 if response.status == 200 else 1)
-except Exception as error:
-    print(f"reward server check failed: {error}", file=sys.stderr)
-    sys.exit(1)
-PY
-  then
-    echo "error: the HH reward server does not answer at $health." >&2
-    echo "  Start it first (HH_REWARD_MODEL_PATH = your trained reward model):" >&2
-    echo "    HH_REWARD_MODEL_PATH=/path/to/rm bash experiments/hh/reward/run_with_server.sh" >&2
-    echo "  or set REWARD_SERVER_URL to a running server's /predict URL." >&2
-    exit 1
-  fi
-}
-
 launch() {
-  local dry_run=false arg
-  for arg in "$@"; do
-    case "$arg" in verl_tre.dry_run=true|verl_tre.dry_run=True) dry_run=true ;; esac
-  done
   local args=(
     "task=$TASK" "model=$SIZE" "method=$METHOD"
     "actor_rollout_ref.model.path=$MODEL_PATH"
@@ -73,9 +45,6 @@ launch() {
   if [ -n "${VERL_TRE_PRINT_ARGS:-}" ]; then
     printf '%s\0' "${args[@]}"
     return
-  fi
-  if [ "$TASK" = hh ] && [ "$dry_run" = false ]; then
-    check_reward_server
   fi
   exec "$PYTHON" -m verl_tre.trainer.main_ppo "${args[@]}"
 }

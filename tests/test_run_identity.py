@@ -203,3 +203,25 @@ def test_sweep_plans_one_directory_per_combination(tmp_path, monkeypatch, capsys
     assert sweep.main([scripts[0], "--seeds", "1,2", "--dry-run", "--", "trainer.device=cpu",
                        "trainer.experiment_name=mine"]) == 2
     assert "would share" in capsys.readouterr().err
+
+
+def test_hh_reward_options_in_yaml_are_the_clients_defaults():
+    from verl_tre.utils.reward_score import RewardOptions
+
+    kwargs = OmegaConf.to_container(_prepared(["task=hh"]).reward_model.reward_kwargs)
+    assert kwargs == {name: RewardOptions.model_fields[name].default for name in kwargs}
+    assert set(kwargs) == {name for name in RewardOptions.model_fields if name.startswith("hh_")}
+
+
+def test_hh_launch_checks_the_reward_server_after_validation(tiny_assets, tmp_path, monkeypatch):
+    import ray
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("REWARD_SERVER_URL", "http://127.0.0.1:9/predict")  # nothing listens there
+    monkeypatch.setenv("http_proxy", "http://127.0.0.1:9")  # a dead proxy must not matter for a local server
+    with pytest.raises(config_check.ConfigError, match=r"HH reward server is not ready.*run_with_server\.sh"):
+        main_ppo.run(main_ppo.compose_config(_auto_overrides(tiny_assets, "task=hh")))
+    assert not ray.is_initialized()
+    # An invalid value is reported first: the server check comes after validation.
+    with pytest.raises(config_check.ConfigError, match=r"rollout\.n=0"):
+        main_ppo.run(main_ppo.compose_config(_auto_overrides(tiny_assets, "task=hh", "actor_rollout_ref.rollout.n=0")))

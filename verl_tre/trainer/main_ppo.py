@@ -87,7 +87,24 @@ def prepare(config: DictConfig, launching: bool) -> list[str]:
         problem = run_identity.resume_problem(config)
         if problem:
             raise config_check.ConfigError(problem)
+        if config.verl_tre.task == "hh":
+            check_hh_reward_server(config)
     return notes
+
+
+def check_hh_reward_server(config: DictConfig) -> None:
+    """HH scores rollouts with the reward-model server: stop before Ray starts if it does not answer /health."""
+    from verl_tre.utils.reward_score.hh import RewardServerError, check_reward_server
+
+    kwargs = OmegaConf.select(config, "reward_model.reward_kwargs") or {}
+    try:
+        check_reward_server(kwargs.get("hh_url"), kwargs.get("hh_token"))
+    except RewardServerError as err:
+        raise config_check.ConfigError(
+            f"the HH reward server is not ready: {err}\n  Start it first (HH_REWARD_MODEL_PATH = your trained reward "
+            f"model): HH_REWARD_MODEL_PATH=/path/to/rm bash experiments/hh/reward/run_with_server.sh, or point "
+            f"REWARD_SERVER_URL (or reward_model.reward_kwargs.hh_url) at a running server's /predict URL."
+        ) from err
 
 
 def _job_env(config: DictConfig) -> dict[str, str]:
