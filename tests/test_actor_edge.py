@@ -38,7 +38,7 @@ def test_entropy_checkpointing_with_an_entropy_bonus_trains_like_without_it(meth
     checkpointed = OmegaConf.merge(plain, OmegaConf.create({"entropy_checkpointing": True}))
     expected, expected_params, *_ = _run(plain)
     metrics, params, *_ = _run(checkpointed)
-    for name in ("actor/policy_loss", "actor/pg_loss", "actor/tre_value", "actor/grad_norm"):
+    for name in ("actor/policy_loss", "actor/pg_loss", "actor/regularizer/value", "actor/grad_norm"):
         assert metrics[name] == pytest.approx(expected[name], rel=1e-6, abs=1e-7), name
     for a, b in zip(params, expected_params):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
