@@ -287,7 +287,7 @@ def region_metric_names(tre: TREOptions) -> dict:
     for k in tre.reference_top_k:
         names[index[f"tail_mass_top{k}"]] = f"actor/ref/tail_mass_top{k}"
     if tre.reference_top_p is not None:
-        names[index["nucleus_size"]] = f"actor/ref/nucleus_size_p{tre.reference_top_p:g}"
+        names[index["nucleus_size"]] = f"actor/ref/nucleus_size_p{tre.reference_top_p}"
     return names
 
 
