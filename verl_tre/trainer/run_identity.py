@@ -48,7 +48,8 @@ RESUMABLE_KEYS = (
     "trainer.rollout_data_dir", "trainer.validation_data_dir", "trainer.max_actor_ckpt_to_keep",
     "trainer.max_critic_ckpt_to_keep", "trainer.ray_wait_register_center_timeout", "trainer.profile_steps",
     "trainer.controller_nsight_options.*", "trainer.worker_nsight_options.*", "trainer.timeline_json_file",
-    "*.optim.total_training_steps",  # verl writes the run's length there when the trainer starts
+    "*.optim.total_training_steps",
+    "*.trust_region.metrics", "*.trust_region.reference_top_k", "*.trust_region.reference_top_p",  # logging only  # verl writes the run's length there when the trainer starts
     "ray_init.*", "verl_tre.dry_run", "verl_tre.run_record", RESUME_ANYWAY_KEY,
     "*.profiler.*", "*.checkpoint.*", "*.fsdp_config.param_offload", "*.fsdp_config.optimizer_offload",
     "*.fsdp_config.offload_policy", "*micro_batch_size*", "*max_token_len*", "*.gpu_memory_utilization",
