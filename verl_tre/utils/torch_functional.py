@@ -239,7 +239,7 @@ def _nucleus_by_radix(e: torch.Tensor, mass: torch.Tensor, target: torch.Tensor,
     it first falls below the target. The second pass keys every token relative to the chosen high bucket (below
     it -> bucket 0, above it -> the last bucket) and measures the mass above each of its sub-buckets from the
     first pass's mass above the high bucket, the same fp64 number, so the two passes cannot disagree about the
-    high bucket (which once took a whole bucket too many); the mass of the tokens tied at the boundary comes out of
+    high bucket (and take a whole bucket too many); the mass of the tokens tied at the boundary comes out of
     the same histogram. Given the target, the result equals exact rational arithmetic wherever the fp64 sums of the
     tokens above the boundary are exact (tested), and equals the sort path otherwise up to fp64 rounding.
     """
@@ -259,7 +259,9 @@ def _nucleus_by_radix(e: torch.Tensor, mass: torch.Tensor, target: torch.Tensor,
     mass_above = _mass_above(sub).add_(mass_above_high)
     low = (mass_above >= target).sum(dim=-1, keepdim=True).clamp_(max=n_buckets - 1)
     tau = ((high << 15) | low).to(torch.int32).view(torch.float32)
-    tau64 = tau.double()
+    # tau is 0 only if fp64 rounding puts the target above the mass of every positive token (p within ulps of 1):
+    # then no zero is "needed" and the divisions stay finite.
+    tau64 = tau.double().clamp_(min=2.0**-149)
     # Every token equal to tau lands in sub-bucket low, and an fp64 sum of fewer than 2**29 equal fp32 values is exact.
     n_tied = (torch.gather(sub, -1, low) / tau64).round_()
     needed = torch.ceil((target - torch.gather(mass_above, -1, low)) / tau64).clamp_(min=1)
