@@ -32,7 +32,7 @@ def _run(cfg, seed=0):
     return metrics, [p.detach().clone() for p in model.parameters()], before, actor, data
 
 
-@pytest.mark.parametrize("method", ["entropy", "tre_k", "tre_k1", "tre_p"])
+@pytest.mark.parametrize("method", ["ppo", "entropy", "tre_k", "tre_k1", "tre_p", "forking_micro"])
 def test_entropy_checkpointing_with_an_entropy_bonus_trains_like_without_it(method):
     plain = actor_config(method, remove_padding=True)
     checkpointed = OmegaConf.merge(plain, OmegaConf.create({"entropy_checkpointing": True}))

@@ -183,3 +183,22 @@ def test_forking_mini_batch_scope_keeps_exactly_the_count_on_ties_like_the_micro
     assert int(keep.sum()) == 2 and float(threshold) == 1.0
     assert torch.equal(keep, forking_token_mask(entropy, mask, 0.2))
     assert keep[0, 1:3].all()  # ties go to the earliest positions
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (an index out of range is a device-side assert there)")
+@pytest.mark.parametrize("mode", MODES)
+def test_cuda_non_finite_rows_equal_cpu(mode):
+    z, bad = _rows_with_non_finite(151_936)
+    results = []
+    for device in ("cpu", "cuda"):
+        x = z.to(device).requires_grad_()
+        terms = entropy_terms(x, **mode, stats_top_k=2)
+        (grad,) = torch.autograd.grad(terms.value, x, grad_outputs=torch.linspace(0.5, 1.5, 7, device=device))
+        torch.cuda.synchronize()
+        results.append(([t.cpu() for t in terms], grad.cpu()))
+    (cpu_terms, cpu_grad), (gpu_terms, gpu_grad) = results
+    for name, a, b in zip(EntropyTerms._fields, cpu_terms, gpu_terms):
+        assert torch.isnan(b[bad]).all(), name
+        torch.testing.assert_close(b[~bad], a[~bad], rtol=1e-5, atol=1e-5, msg=name)
+    assert torch.isnan(gpu_grad[bad]).all()
+    torch.testing.assert_close(gpu_grad[~bad], cpu_grad[~bad], rtol=1e-4, atol=1e-7)

@@ -249,13 +249,32 @@ def _nucleus_by_sort(e: torch.Tensor, target: torch.Tensor):
     return torch.gather(ordered, -1, count - 1), count
 
 
-def _mass_above(hist: torch.Tensor) -> torch.Tensor:
-    """[c, B] mass of the buckets strictly above each bucket of a [c, B] fp64 histogram, as suffix sums from the
-    top: exactly 0 above the highest non-empty bucket (a total minus a prefix sum would leave rounding there), and
-    non-increasing, since fp64 rounding is monotone."""
-    above = torch.zeros_like(hist)
-    above[:, :-1] = hist[:, 1:].flip(-1).cumsum(dim=-1).flip(-1)
-    return above
+class _MassAbove(NamedTuple):
+    """Mass strictly above each bucket of a [c, B] fp64 histogram, plus a [c, 1] ``base`` (the mass above the whole
+    histogram), measured from the top: top[:, j] = base + the mass of the j + 1 highest buckets (a cumulative sum over
+    the buckets in descending order), so the mass above bucket b is top[:, B - 2 - b], and exactly base above the
+    highest non-empty bucket (a total minus a prefix sum would leave rounding there). Non-increasing in b, since
+    fp64 rounding is monotone; kept in descending order to save flips."""
+
+    top: torch.Tensor
+    base: torch.Tensor
+
+    @classmethod
+    def of(cls, hist: torch.Tensor, base: Optional[torch.Tensor] = None) -> "_MassAbove":
+        top = hist.flip(-1).cumsum_(dim=-1)
+        if base is None:
+            return cls(top, torch.zeros_like(top[:, :1]))
+        return cls(top.add_(base), base)
+
+    def count_at_least(self, target: torch.Tensor) -> torch.Tensor:
+        """[c, 1] number of buckets whose mass above is >= target, the index of the first one below it, given
+        base < target (the mass above the last bucket)."""
+        return (self.top[:, :-1] >= target).sum(dim=-1, keepdim=True)
+
+    def at(self, bucket: torch.Tensor) -> torch.Tensor:
+        """[c, 1] mass above ``bucket`` ([c, 1] long in 0..B-1)."""
+        last = self.top.shape[-1] - 1
+        return torch.where(bucket >= last, self.base, torch.gather(self.top, -1, (last - 1 - bucket).clamp_(min=0)))
 
 
 def _nucleus_by_radix(e: torch.Tensor, mass: torch.Tensor, target: torch.Tensor, ws: _Workspace):
@@ -269,7 +288,7 @@ def _nucleus_by_radix(e: torch.Tensor, mass: torch.Tensor, target: torch.Tensor,
     it first falls below the target. The second pass keys every token relative to the chosen high bucket (below
     it -> bucket 0, above it -> the last bucket) and measures the mass above each of its sub-buckets from the
     first pass's mass above the high bucket, the same fp64 number, so the two passes cannot disagree about the
-    high bucket (which once took a whole bucket too many); the mass of the tokens tied at the boundary comes out of
+    high bucket (and take a whole bucket too many); the mass of the tokens tied at the boundary comes out of
     the same histogram. Given the target, the result equals exact rational arithmetic wherever the fp64 sums of the
     tokens above the boundary are exact (tested), and equals the sort path otherwise up to fp64 rounding.
     """
@@ -278,21 +297,24 @@ def _nucleus_by_radix(e: torch.Tensor, mass: torch.Tensor, target: torch.Tensor,
     key = ws("key", e, torch.int64).copy_(bits)
     key >>= 15
     hist = torch.zeros(e.shape[0], n_buckets, dtype=torch.float64, device=e.device).scatter_add_(1, key, mass)
-    above_high = _mass_above(hist)
-    # above_high[:, -1] == 0 < target, so high <= n_buckets - 1 already; the clamps guard the indices regardless.
-    high = (above_high >= target).sum(dim=-1, keepdim=True).clamp_(max=n_buckets - 1)
-    mass_above_high = torch.gather(above_high, -1, high)
+    # The mass above the last bucket is 0 < target, so high <= n_buckets - 1 already; the clamps guard the indices.
+    above = _MassAbove.of(hist)
+    high = above.count_at_least(target).clamp_(max=n_buckets - 1)
+    mass_above_high = above.at(high)
 
     key.copy_(bits).sub_((high << 15) - 1).clamp_(0, n_buckets + 1)
     hist = torch.zeros(e.shape[0], n_buckets + 2, dtype=torch.float64, device=e.device).scatter_add_(1, key, mass)
     sub = hist[:, 1:-1]
-    mass_above = _mass_above(sub).add_(mass_above_high)
-    low = (mass_above >= target).sum(dim=-1, keepdim=True).clamp_(max=n_buckets - 1)
+    # Measured from the first pass's mass above the high bucket: the same fp64 number, and below the target.
+    above = _MassAbove.of(sub, base=mass_above_high)
+    low = above.count_at_least(target).clamp_(max=n_buckets - 1)
     tau = ((high << 15) | low).to(torch.int32).view(torch.float32)
-    tau64 = tau.double()
+    # tau is 0 only if fp64 rounding puts the target above the mass of every positive token (p within ulps of 1):
+    # then no zero is "needed" and the divisions stay finite.
+    tau64 = tau.double().clamp_(min=2.0**-149)
     # Every token equal to tau lands in sub-bucket low, and an fp64 sum of fewer than 2**29 equal fp32 values is exact.
     n_tied = (torch.gather(sub, -1, low) / tau64).round_()
-    needed = torch.ceil((target - torch.gather(mass_above, -1, low)) / tau64).clamp_(min=1)
+    needed = torch.ceil((target - above.at(low)) / tau64).clamp_(min=1)
     above = torch.gt(e, tau, out=ws("above", e, torch.bool))
     n_above = _count(above, e.dtype)
     count = n_above.long() + torch.minimum(needed, n_tied).long()
