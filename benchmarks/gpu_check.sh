@@ -4,6 +4,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
-python -m pytest -q tests/test_torch_functional.py -k cuda
+python -m pytest -q tests/test_torch_functional.py tests/test_numerics_edge.py -k cuda
 python benchmarks/bench_entropy.py --device cuda --dtype bf16 --n 4096,16384 \
   --cases verl_eager,verl_compiled,full,tre_k,tre_p,actor_tre_p
