@@ -37,7 +37,8 @@ VOCAB_SIZE = 1024
 POLICY = dict(hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=2, intermediate_size=384)
 SFT_STEPS, SFT_BATCH, SFT_LR = 400, 32, 3e-3
 MAX_PROMPT, MAX_RESPONSE = 48, 24
-RL_LR, DEFAULT_STEPS, DEFAULT_COEFF, TEST_FREQ = 1e-3, 20, 0.01, 5
+RL_LR, DEFAULT_STEPS, DEFAULT_COEFF, TEST_FREQ = 3e-4, 20, 0.001, 5
+PROMPTS, ROLLOUTS = 8, 16  # per step; 16 rollouts give more prompts at least one success to learn from
 
 # The runs: name -> (method preset, trust-region mode). Both use the same entropy_coeff.
 RUNS = {"tre_k": ("tre_k", "top_k"), "entropy": ("ppo", "full")}
@@ -146,7 +147,7 @@ def warm_start(out: Path, tokenizer, rows: list[dict], steps: int, seed: int) ->
 
 def training_overrides(run_dir: Path, data: Path, policy: Path, *, method: str, mode: str, steps: int,
                        entropy_coeff: float, seed: int) -> list[str]:
-    """One GRPO run on CPU: 16 prompts x 8 rollouts per step, one policy update per step, held-out reward
+    """One GRPO run on CPU: PROMPTS x ROLLOUTS responses per step, one policy update per step, held-out reward
     (sampled at the training temperature, so it measures the trained policy itself) every TEST_FREQ steps."""
     return [
         "task=countdown", f"method={method}", "trainer.device=cpu", "trainer.n_gpus_per_node=1",
@@ -154,11 +155,11 @@ def training_overrides(run_dir: Path, data: Path, policy: Path, *, method: str, 
         f"actor_rollout_ref.model.path={policy}", f"critic.model.path={policy}",
         f"data.train_files={data / 'train.parquet'}", f"data.val_files={data / 'test.parquet'}",
         f"data.max_prompt_length={MAX_PROMPT}", f"data.max_response_length={MAX_RESPONSE}", f"+data.seed={seed}",
-        "data.train_batch_size=16", "actor_rollout_ref.rollout.n=8", "algorithm.adv_estimator=grpo",
+        f"data.train_batch_size={PROMPTS}", f"actor_rollout_ref.rollout.n={ROLLOUTS}", "algorithm.adv_estimator=grpo",
         "actor_rollout_ref.rollout.val_kwargs.top_p=1.0",
         # Recomputing activations saves memory a 1M-parameter policy does not need, at a third more compute.
         "actor_rollout_ref.model.enable_gradient_checkpointing=false",
-        "actor_rollout_ref.actor.ppo_mini_batch_size=16", "actor_rollout_ref.actor.use_dynamic_bsz=false",
+        f"actor_rollout_ref.actor.ppo_mini_batch_size={PROMPTS}", "actor_rollout_ref.actor.use_dynamic_bsz=false",
         "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=64",
         "actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu=128",
         f"actor_rollout_ref.actor.optim.lr={RL_LR}",
@@ -367,7 +368,7 @@ def set_up(out: Path, args) -> Path:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("outputs/demo"), help="working directory (emptied)")
-    parser.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="GRPO steps per run (16 prompts x 8)")
+    parser.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="GRPO steps per run (8 prompts x 16 rollouts)")
     parser.add_argument("--entropy-coeff", type=float, default=DEFAULT_COEFF, help="coefficient of both runs")
     parser.add_argument("--sft-steps", type=int, default=SFT_STEPS, help="supervised warm-start steps")
     parser.add_argument("--seed", type=int, default=0, help="warm-start initialization and RL data order")
