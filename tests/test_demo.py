@@ -147,3 +147,29 @@ def test_demo_end_to_end_on_tiny_settings(tmp_path, monkeypatch, capfd):
     assert "step:1 - " in (out / "train.log").read_text()  # verl's metric dumps went to the log ...
     assert "step:1 - " not in printed  # ... not to the terminal
     assert "From the same warm start, TRE-K's held-out reward (16 prompts)" in printed
+
+
+def test_reuse_setup_keeps_only_a_matching_setup(tmp_path, monkeypatch):
+    import argparse
+
+    calls = []
+    monkeypatch.setattr(demo, "prepare_data", lambda out: (calls.append("data"), (out / "data", []))[1])
+    monkeypatch.setattr(demo, "build_tokenizer", lambda out, rows: calls.append("tok"))
+
+    def fake_warm_start(out, tokenizer, rows, steps, seed):
+        calls.append("sft")
+        (out / "policy").mkdir(exist_ok=True)
+        return out / "policy"
+
+    monkeypatch.setattr(demo, "warm_start", fake_warm_start)
+    out = tmp_path / "demo"
+    args = argparse.Namespace(sft_steps=5, seed=0, reuse_setup=True)
+    demo.set_up(out, args)
+    (out / "policy" / "weights").write_text("w")
+    (out / "entropy").mkdir()  # an earlier run's record
+    demo.set_up(out, args)
+    assert (out / "policy" / "weights").is_file() and not (out / "entropy").exists()
+    demo.set_up(out, argparse.Namespace(sft_steps=6, seed=0, reuse_setup=True))  # other settings: redone
+    assert not (out / "policy" / "weights").exists()
+    demo.set_up(out, argparse.Namespace(sft_steps=6, seed=0, reuse_setup=False))  # default: fresh
+    assert not (out / "policy" / "weights").exists() and calls.count("sft") == 4

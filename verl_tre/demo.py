@@ -352,7 +352,7 @@ def _settings(args) -> dict:
 def set_up(out: Path, args) -> Path:
     """Data, tokenizer and warm start in ``out`` (reused with --reuse-setup when made with the same settings)."""
     stamp = out / "setup.json"
-    settings = _settings(args)
+    settings = json.loads(json.dumps(_settings(args)))  # as stored: tuples become lists
     reuse = args.reuse_setup and stamp.is_file() and json.loads(stamp.read_text()) == settings
     for entry in out.iterdir() if out.exists() else ():
         if not (reuse and entry.name in ("data", "tokenizer", "policy", "setup.json")):
