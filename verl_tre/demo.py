@@ -190,7 +190,8 @@ def _value(record: dict, label: str) -> float | None:
 
 
 def _cell(value: float | None, width: int, digits: int = 3) -> str:
-    return f"{value:>{width}.{digits}f}" if value is not None else f"{'-':>{width}}"
+    finite = value is not None and math.isfinite(value)
+    return f"{value:>{width}.{digits}f}" if finite else f"{'-':>{width}}"
 
 
 def step_line(name: str, record: dict, steps: int) -> str:
@@ -280,7 +281,7 @@ def side_by_side(stats: dict[str, dict], n_val: int) -> str:
     """The closing table: one column per run."""
     rows = [
         (f"held-out reward, before ({n_val} prompts)", "val_reward_start"),
-        (f"held-out reward, after", "val_reward_end"),
+        ("held-out reward, after", "val_reward_end"),
         ("training reward, first step", "reward_first"),
         ("training reward, last step", "reward_last"),
         ("full entropy, first step", "entropy_first"),
@@ -293,8 +294,7 @@ def side_by_side(stats: dict[str, dict], n_val: int) -> str:
     names = list(stats)
     lines = [f"{'':<38}" + "".join(f"{LABELS.get(n, n):>16}" for n in names)]
     for title, key in rows:
-        cells = "".join(_cell(stats[n].get(key) if stats[n].get(key) is None or math.isfinite(stats[n][key])
-                              else None, 16) for n in names)
+        cells = "".join(_cell(stats[n].get(key), 16) for n in names)
         lines.append(f"{title:<38}{cells}")
     return "\n".join(lines)
 
