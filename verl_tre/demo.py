@@ -28,6 +28,7 @@ import shutil
 import sys
 import threading
 import time
+import warnings
 from pathlib import Path
 
 # The demo's settings, chosen by measurement on a 2-core machine (see README, "Quick start").
@@ -378,6 +379,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.steps < 1 or args.sft_steps < 1 or args.entropy_coeff < 0:
         parser.error("--steps and --sft-steps must be >= 1 and --entropy-coeff >= 0")
     out = args.out.expanduser().resolve()
+    # verl 0.4.1 imports pkg_resources (setuptools < 81 is pinned for it); its banner says nothing to a newcomer.
+    warnings.filterwarnings("ignore", message="pkg_resources is deprecated", category=UserWarning)
 
     started = time.time()
     data, policy = set_up(out, args)
