@@ -252,12 +252,16 @@ def output_to(log_path: Path):
     sys.stderr.flush()
     saved = os.dup(1), os.dup(2)
     terminal = os.fdopen(os.dup(1), "w", buffering=1)
-    with open(log_path, "a") as log:
+    streams = sys.stdout, sys.stderr
+    with open(log_path, "a", buffering=1) as log:
         os.dup2(log.fileno(), 1)
         os.dup2(log.fileno(), 2)
+        # Python-level writers too: sys.stdout need not be fd 1 (pytest's capture, notebooks).
+        sys.stdout = sys.stderr = log
         try:
             yield terminal
         finally:
+            sys.stdout, sys.stderr = streams
             sys.stdout.flush()
             sys.stderr.flush()
             os.dup2(saved[0], 1)
