@@ -155,3 +155,109 @@ WORKER_CHECK = textwrap.dedent(
 def test_worker_patches_in_a_fresh_process():
     out = subprocess.run([sys.executable, "-c", WORKER_CHECK], cwd=REPO, capture_output=True, text=True, timeout=180)
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
+
+
+def test_compute_dtype_option_is_validated_and_reaches_the_workers():
+    from verl_tre.trainer.config_check import ConfigError
+
+    config = main_ppo.compose_config(["trainer.device=cpu"])
+    assert config.verl_tre.cpu_compute_dtype == "fp32"
+    assert cpu_mode.worker_env(config) == {cpu_mode.ENV_FLAG: "1", cpu_mode.DTYPE_ENV: "fp32"}
+    notes = cpu_mode.adjust_config(config)
+    assert config.actor_rollout_ref.actor.fsdp_config.mixed_precision.param_dtype == "fp32"
+    assert config.actor_rollout_ref.ref.fsdp_config.model_dtype == "fp32"
+    assert any("cpu_compute_dtype=fp32" in note for note in notes)
+
+    bf16 = main_ppo.compose_config(["trainer.device=cpu", "verl_tre.cpu_compute_dtype=bf16"])
+    cpu_mode.adjust_config(bf16)  # verl's own precision settings: nothing dtype-related is added
+    assert OmegaConf.select(bf16, "actor_rollout_ref.actor.fsdp_config.mixed_precision") is None
+    assert OmegaConf.select(bf16, "actor_rollout_ref.ref.fsdp_config.model_dtype") is None
+    assert cpu_mode.worker_env(bf16)[cpu_mode.DTYPE_ENV] == "bf16"
+
+    assert cpu_mode.worker_env(main_ppo.compose_config([])) == {}  # GPU runs: no CPU-mode environment
+    for device in ("cpu", "cuda"):
+        bad = main_ppo.compose_config([f"trainer.device={device}", "verl_tre.cpu_compute_dtype=fp16"])
+        with pytest.raises(ConfigError, match=r"verl_tre.cpu_compute_dtype='fp16'.*Fix: fp32"):
+            cpu_mode.adjust_config(bad)
+
+
+# verl's real FSDP worker, built in this process as a Ray worker would build it (one rank, gloo), with forward
+# hooks recording the dtype of a decoder layer's MLP output during rollout, compute_log_prob, the reference's
+# log-probs, update_actor and the critic's values.
+DTYPE_CHECK = textwrap.dedent(
+    """
+    import json, os, socket, sys, tempfile
+    from pathlib import Path
+    dtype = sys.argv[1]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0)); port = s.getsockname()[1]
+    os.environ.update({"WORLD_SIZE": "1", "RANK": "0", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+                       "MASTER_PORT": str(port), "DIST_INIT_METHOD": f"tcp://127.0.0.1:{port}"})
+    sys.path.insert(0, "tests")
+    import torch
+    from tensordict import TensorDict
+    from verl import DataProto
+    from trainer_fixtures import build_tiny_assets, cpu_overrides
+    from verl_tre.trainer import main_ppo
+
+    root = Path(tempfile.mkdtemp())
+    assets = build_tiny_assets(root)
+    config = main_ppo.compose_config(cpu_overrides(assets, root / "run") + [
+        "method=tre_k", "actor_rollout_ref.actor.entropy_coeff=0.01", f"verl_tre.cpu_compute_dtype={dtype}"])
+    main_ppo.prepare(config, launching=True)
+    os.environ.update(main_ppo._job_env(config))  # what Ray gives every worker process
+    main_ppo.setup_worker_process()
+    from verl.workers.fsdp_workers import ActorRolloutRefWorker, CriticWorker
+
+    worker = ActorRolloutRefWorker(config.actor_rollout_ref, role="actor_rollout_ref")
+    worker.init_model()
+    critic = CriticWorker(config.critic)
+    critic.init_model()
+    seen = {}
+    def record(name):
+        def hook(module, args, out):
+            seen.setdefault(name, set()).add(str(out.dtype).replace("torch.", ""))
+        return hook
+    for name, model in (("actor", worker.actor_module_fsdp), ("ref", worker.ref_module_fsdp),
+                        ("critic", critic.critic_module)):
+        model.model.layers[0].mlp.register_forward_hook(record(name))
+
+    def stage(name):
+        seen["stage"] = name
+        for key in ("actor", "ref", "critic"):
+            seen.pop(key, None)
+
+    ids = torch.tensor([[0, 0, 5, 9, 12, 7], [7, 8, 9, 10, 11, 4], [0, 6, 5, 9, 3, 2], [0, 0, 0, 4, 5, 6]])
+    mask = (torch.arange(6) >= torch.tensor([[2], [0], [1], [3]])).long()
+    prompts = DataProto(batch=TensorDict({"input_ids": ids, "attention_mask": mask,
+                                          "position_ids": (mask.cumsum(-1) - 1).clamp(min=0)}, batch_size=4),
+                        meta_info={"eos_token_id": -1, "pad_token_id": 0, "do_sample": True})
+    result = {}
+    stage("rollout"); data = worker.generate_sequences(prompts); result["rollout"] = sorted(seen["actor"])
+    stage("log_prob"); old = worker.compute_log_prob(data); result["compute_log_prob"] = sorted(seen["actor"])
+    stage("ref"); ref = worker.compute_ref_log_prob(data); result["ref"] = sorted(seen["ref"])
+    data = data.union(old)
+    rows, n = data.batch["responses"].shape
+    data.batch["advantages"] = torch.linspace(-1, 1, rows)[:, None].expand(rows, n).contiguous()
+    data.meta_info.update({"temperature": 1.0, "global_token_num": [int(data.batch["attention_mask"].sum())]})
+    stage("update"); metrics = worker.update_actor(data); result["update_actor"] = sorted(seen["actor"])
+    stage("values"); critic.compute_values(data); result["critic"] = sorted(seen["critic"])
+    result["torch_autocast"] = torch.autocast.__module__
+    print(json.dumps(result))
+    """
+)
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_cpu_mode_computes_in_the_configured_dtype(dtype):
+    """fp32 by default in every role (the demo's 16x); bf16 when asked, i.e. verl's own autocast, untouched."""
+    import json
+
+    out = subprocess.run([sys.executable, "-c", DTYPE_CHECK, dtype], cwd=REPO, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    want = {"fp32": ["float32"], "bf16": ["bfloat16"]}[dtype]
+    for role in ("rollout", "compute_log_prob", "ref", "update_actor", "critic"):
+        assert result[role] == want, (role, result)
+    assert (result["torch_autocast"] == "torch.amp.autocast_mode") == (dtype == "bf16")

@@ -110,8 +110,7 @@ def check_hh_reward_server(config: DictConfig) -> None:
 def _job_env(config: DictConfig) -> dict[str, str]:
     env = dict(_JOB_ENV)
     env.update({k: v for k, v in os.environ.items() if k.startswith(_FORWARDED_PREFIXES)})
-    if cpu_mode.is_cpu_mode(config):
-        env[cpu_mode.ENV_FLAG] = "1"
+    env.update(cpu_mode.worker_env(config))
     return env
 
 

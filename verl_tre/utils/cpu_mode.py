@@ -7,6 +7,16 @@ Used only when ``trainer.device=cpu``. Three kinds of adjustment, each listed wi
 - ``apply_worker_patches()``: process-level fixes for places where verl 0.4.1 assumes CUDA; must run in every
   Ray worker process (the entry point registers it as Ray's ``worker_process_setup_hook``).
 
+Compute dtype (``verl_tre.cpu_compute_dtype``, default ``fp32``): verl 0.4.1 computes the actor's, the
+reference's and the critic's forward, and the HF rollout's generate, under a hard-coded
+``torch.autocast(dtype=torch.bfloat16)``, with FSDP casting parameters to bf16 (its default mixed precision) and
+the reference model loaded in bf16. On a GPU that is the fast path. On a CPU without native bf16 arithmetic
+(no AVX512-BF16/AMX, e.g. the 2-core AMD EPYC VMs this project is tested on) every bf16 matmul is emulated:
+forward+backward of the demo's policy on a 64 x 72-token micro-batch took 6.8 s under bf16 autocast and 0.43 s
+in fp32 (torch 2.13, 2 threads, measured 2026-12). ``fp32`` therefore keeps parameters, reference weights and
+activations in fp32 (config adjustments below) and turns verl's CPU bf16 autocast regions off in the workers
+(``apply_worker_patches``); ``bf16`` leaves verl's precision exactly as on a GPU, for CPUs with fast bf16.
+
 Everything here targets verl 0.4.1's source exactly; on any other version ``require_pinned_verl`` refuses to run
 rather than patch code it has not been checked against.
 """
@@ -20,12 +30,37 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 PINNED_VERL_VERSION = "0.4.1"
 
-# Set in the Ray job's environment so that worker processes know to patch themselves.
+# Set in the Ray job's environment so that worker processes know to patch themselves, and in which dtype.
 ENV_FLAG = "VERL_TRE_CPU_MODE"
+DTYPE_ENV = "VERL_TRE_CPU_COMPUTE_DTYPE"
+COMPUTE_DTYPES = ("fp32", "bf16")
 
 
 def is_cpu_mode(config: DictConfig) -> bool:
     return OmegaConf.select(config, "trainer.device") == "cpu"
+
+
+def compute_dtype(config: DictConfig) -> str:
+    """``verl_tre.cpu_compute_dtype`` (fp32 | bf16); raises ConfigError naming the key on any other value."""
+    from verl_tre.trainer.config_check import ConfigError
+
+    value = OmegaConf.select(config, "verl_tre.cpu_compute_dtype", default="fp32")
+    if value not in COMPUTE_DTYPES:
+        raise ConfigError(
+            f"verl_tre.cpu_compute_dtype={value!r} is not one of {COMPUTE_DTYPES}. Fix: fp32 (the default: fast on "
+            f"any CPU) or bf16 (verl's bf16 autocast, for CPUs with native bf16 arithmetic such as AMX)."
+        )
+    return value
+
+
+def worker_env(config: DictConfig) -> dict[str, str]:
+    """Environment variables a CPU-mode Ray job gives its workers (empty on GPU runs).
+
+    Set once per Ray start-up: runs sharing one Ray session share its compute dtype.
+    """
+    if not is_cpu_mode(config):
+        return {}
+    return {ENV_FLAG: "1", DTYPE_ENV: compute_dtype(config)}
 
 
 def require_pinned_verl() -> None:
@@ -66,17 +101,31 @@ _CONFIG_ADJUSTMENTS: tuple[tuple[str, object, str], ...] = (
 )
 
 
+_FP32_REASON = "verl_tre.cpu_compute_dtype=fp32: bf16 matmuls are emulated, ~16x slower, on most CPUs"
+# FSDP casts parameters to mixed_precision.param_dtype (bf16 when unset) for every forward; verl loads the
+# reference model in bf16 unless fsdp_config.model_dtype says otherwise.
+_FP32_ADJUSTMENTS: tuple[tuple[str, object, str], ...] = (
+    ("actor_rollout_ref.actor.fsdp_config.mixed_precision.param_dtype", "fp32", _FP32_REASON),
+    ("actor_rollout_ref.ref.fsdp_config.mixed_precision.param_dtype", "fp32", _FP32_REASON),
+    ("actor_rollout_ref.ref.fsdp_config.model_dtype", "fp32", _FP32_REASON),
+    ("critic.model.fsdp_config.mixed_precision.param_dtype", "fp32", _FP32_REASON),
+)
+
+
 def adjust_config(config: DictConfig) -> list[str]:
     """Change the settings that cannot work on CPU, in place; returns one line per change made.
 
     Call on the composed config before validation and before Ray starts (no-op unless trainer.device=cpu).
+    Raises ConfigError for a bad ``verl_tre.cpu_compute_dtype``, on GPU runs too.
     """
+    dtype = compute_dtype(config)
     if not is_cpu_mode(config):
         return []
     require_pinned_verl()
     notes = []
+    adjustments = _CONFIG_ADJUSTMENTS + (_FP32_ADJUSTMENTS if dtype == "fp32" else ())
     with open_dict(config):
-        for key, value, reason in _CONFIG_ADJUSTMENTS:
+        for key, value, reason in adjustments:
             old = OmegaConf.select(config, key, default=None)
             if old != value:
                 OmegaConf.update(config, key, value, force_add=True)
@@ -150,6 +199,22 @@ def _hf_rollout_positions_from_mask(rollout_cls):
         module.generate = generate_with_mask_positions
 
     rollout_cls.__init__ = init
+
+
+def _autocast_without_cpu_bf16(autocast_cls):
+    """``torch.autocast`` whose CPU bf16 regions compute in fp32 (verl 0.4.1 opens them in dp_actor's and
+    dp_critic's ``_forward_micro_batch`` and HFRollout's generate). Every other autocast is left as asked.
+    A subclass, so that ``isinstance`` checks and use as a decorator keep working."""
+    import torch
+
+    class CpuFp32Autocast(autocast_cls):
+        def __init__(self, device_type, dtype=None, enabled=True, cache_enabled=None):
+            if device_type == "cpu" and dtype == torch.bfloat16:
+                enabled = False
+            super().__init__(device_type, dtype=dtype, enabled=enabled, cache_enabled=cache_enabled)
+
+    CpuFp32Autocast.__name__ = CpuFp32Autocast.__qualname__ = autocast_cls.__name__
+    return CpuFp32Autocast
 
 
 class _NoTiming:
@@ -228,4 +293,7 @@ def apply_worker_patches() -> None:
         for name in padding.__all__:
             if not hasattr(module, name):
                 setattr(module, name, getattr(padding, name))
+    # The worker half of verl_tre.cpu_compute_dtype=fp32 (the config half is _FP32_ADJUSTMENTS).
+    if os.environ.get(DTYPE_ENV, "fp32") == "fp32":
+        torch.autocast = _autocast_without_cpu_bf16(torch.autocast)
     _PATCHED = True
