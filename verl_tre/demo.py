@@ -158,7 +158,7 @@ def training_overrides(run_dir: Path, data: Path, policy: Path, *, method: str, 
         "verl_tre.model_size=null",  # the tiny policy is neither paper size: run records must not say 1.5b
         f"actor_rollout_ref.model.path={policy}", f"critic.model.path={policy}",
         f"data.train_files={data / 'train.parquet'}", f"data.val_files={data / 'test.parquet'}",
-        f"data.max_prompt_length={MAX_PROMPT}", f"data.max_response_length={MAX_RESPONSE}", f"+data.seed={seed}",
+        f"data.max_prompt_length={MAX_PROMPT}", f"data.max_response_length={MAX_RESPONSE}", f"verl_tre.seed={seed}",
         f"data.train_batch_size={PROMPTS}", f"actor_rollout_ref.rollout.n={ROLLOUTS}", "algorithm.adv_estimator=grpo",
         "actor_rollout_ref.rollout.val_kwargs.top_p=1.0",
         # Recomputing activations saves memory a 1M-parameter policy does not need, at a third more compute.
