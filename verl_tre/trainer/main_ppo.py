@@ -134,6 +134,7 @@ def run(config: DictConfig) -> None:
     notes = prepare(config, launching=not dry_run)
     for note in notes:
         print(f"[verl_tre] cpu mode: {note}", file=sys.stderr)
+    print(f"[verl_tre] actor lm head: {config_check.lm_head_backend(config)}", file=sys.stderr)
     if dry_run:
         print(OmegaConf.to_yaml(config))
         return

@@ -21,6 +21,7 @@ from contextlib import contextmanager, nullcontext
 
 import torch
 import verl.utils.torch_functional as verl_F
+import verl.workers.actor.dp_actor as verl_dp_actor
 from verl import DataProto
 from verl.trainer.ppo.core_algos import agg_loss, compute_policy_loss, get_policy_loss_fn, kl_penalty
 from verl.utils.debug import GPUMemoryLogger
@@ -28,6 +29,7 @@ from verl.utils.device import get_device_id
 from verl.utils.seqlen_balancing import rearrange_micro_batches
 from verl.workers.actor.dp_actor import DataParallelPPOActor
 
+from verl_tre.models import fused_forward
 from verl_tre.trainer.ppo.core_algos import CLIPPED_KL_COV, forking_threshold, forking_token_mask, kl_cov_token_count
 from verl_tre.utils.torch_functional import TrustRegion, _entropy_terms
 from verl_tre.workers.actor.options import TREOptions
@@ -52,6 +54,11 @@ class TREDataParallelPPOActor(DataParallelPPOActor):
         self._region = self.tre.region
         self._value_needs_grad = False
         self.compute_entropy_from_logits = self._entropy_columns
+        if self.use_fused_kernels and not fused_forward.is_installed(actor_module):
+            raise ValueError(
+                "use_fused_kernels=true needs verl_tre's fused forward on the model: build the actor through verl's "
+                "worker after verl_tre.plugin.install(), or call verl_tre.models.fused_forward.install_forward(model)"
+            )
 
     def _entropy_columns(self, logits: torch.Tensor) -> torch.Tensor:
         """[..., V] temperature-scaled logits -> [..., 5] fp32 columns (see COLUMNS)."""
@@ -72,17 +79,40 @@ class TREDataParallelPPOActor(DataParallelPPOActor):
 
     def _forward_micro_batch(self, micro_batch, temperature, calculate_entropy=False):
         """verl's forward; with calculate_entropy, the entropy output is the [B, T, 5] columns."""
+        if self.use_fused_kernels:
+            return self._fused_forward_micro_batch(micro_batch, temperature, calculate_entropy)
         if not calculate_entropy:
             return super()._forward_micro_batch(micro_batch, temperature, calculate_entropy=False)
         # verl's padded path calls verl_F.entropy_from_logits directly instead of self.compute_entropy_from_logits.
-        padded = not self.use_remove_padding and not self.use_fused_kernels
-        patch = _swap_attr(verl_F, "entropy_from_logits", self._entropy_columns) if padded else nullcontext()
+        patch = _swap_attr(verl_F, "entropy_from_logits", self._entropy_columns) if not self.use_remove_padding else nullcontext()
         with patch:
-            entropy, log_probs = super()._forward_micro_batch(micro_batch, temperature, calculate_entropy=True)
-        if self.use_fused_kernels:
-            # The fused kernel yields the full entropy only (TREOptions refuses TRE and metrics with it).
-            entropy = torch.stack([entropy, entropy] + [torch.zeros_like(entropy)] * 3, dim=-1).float()
-        return entropy, log_probs
+            return super()._forward_micro_batch(micro_batch, temperature, calculate_entropy=True)
+
+    def _fused_forward_micro_batch(self, micro_batch, temperature, calculate_entropy):
+        """verl's fused-kernel branch (remove-padding, Ulysses or padded) with verl_tre's fused forward on the model:
+        it returns the log-probs and the same entropy columns as _entropy_columns, computed from the hidden states and
+        the lm_head weight without logits. Passes without entropy compute the full entropy only, as a by-product."""
+        region = self._region if calculate_entropy else _FULL
+        head = fused_forward.FusedHead(
+            region=region,
+            stats_top_k=self.tre.metrics_top_k,
+            with_stats=self.tre.metrics and region is not _FULL,
+            value_needs_grad=calculate_entropy and self._value_needs_grad,
+            columns=_stack_columns,
+            labels=self._ulysses_labels(micro_batch),
+        )
+        with fused_forward.active(head):
+            return super()._forward_micro_batch(micro_batch, temperature, calculate_entropy=calculate_entropy)
+
+    def _ulysses_labels(self, micro_batch):
+        """Next-token ids of this rank's Ulysses slice, rolled before slicing as verl's unfused path does (a roll of
+        the slice, which the model sees, would wrap at the slice's end); None without sequence parallelism."""
+        if not (self.use_remove_padding and self.use_ulysses_sp):
+            return None
+        ids_rmpad, *_ = verl_dp_actor.unpad_input(micro_batch["input_ids"].unsqueeze(-1), micro_batch["attention_mask"])
+        rolled = torch.roll(ids_rmpad.transpose(0, 1), shifts=-1, dims=1)
+        rolled, _, _ = verl_dp_actor.ulysses_pad_and_slice_inputs(rolled, position_ids_rmpad=None, sp_size=self.ulysses_sequence_parallel_size)
+        return rolled
 
     @GPUMemoryLogger(role="dp actor", logger=logger)
     def compute_log_prob(self, data: DataProto, calculate_entropy=False):
@@ -229,6 +259,11 @@ def _add_region_metrics(step: dict, columns: torch.Tensor, response_mask: torch.
     for index, name in ((1, "entropy_full"), (0, "tre_value"), (2, "region_mass"), (3, "region_size"), (4, "topk_prob")):
         _add(step, f"actor/{name}", verl_F.masked_mean(columns[..., index], response_mask))
     _add(step, "actor/tail_mass", verl_F.masked_mean(1.0 - columns[..., 2], response_mask))
+
+
+def _stack_columns(terms) -> torch.Tensor:
+    """EntropyTerms of [M] tensors -> [M, F] columns, in field order (the layout _entropy_columns returns)."""
+    return torch.stack(tuple(terms), dim=-1)
 
 
 @contextmanager
