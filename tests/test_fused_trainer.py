@@ -190,7 +190,7 @@ E2E = {
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(600)
 @pytest.mark.parametrize("method", list(E2E))
 def test_grpo_with_fused_kernels(method, ray_session, tiny_assets, tmp_path):
     from verl_tre.trainer import main_ppo
