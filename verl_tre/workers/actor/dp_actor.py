@@ -6,7 +6,8 @@ entropy function it calls for one that returns, per token, five columns computed
     [value, entropy_full, region_mass, region_size, topk_prob]
 
 (``value`` is the configured regularizer and the only column with gradient). verl pads, gathers and slices those
-columns like its own entropy. ``update_policy`` then composes
+columns like its own entropy. With use_fused_kernels the model's fused forward (verl_tre/models/fused_forward.py)
+returns the same columns, computed from the hidden states and the lm_head weight without logits. ``update_policy`` then composes
 
     policy_loss = pg_loss(tokens kept by the Forking mask, if on) - entropy_coeff * agg(value) [+ kl_loss]
 
