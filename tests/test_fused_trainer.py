@@ -20,8 +20,8 @@ from trainer_fixtures import cpu_overrides, ray_session, tiny_assets  # noqa: F4
 from verl_tre import plugin
 from verl_tre.models import fused_forward
 from verl_tre.utils import run_record
-from verl_tre.utils.torch_functional import TrustRegion, entropy_terms
-from verl_tre.workers.actor.dp_actor import COLUMNS, TREDataParallelPPOActor
+from verl_tre.utils.torch_functional import EntropyTerms, TrustRegion, entropy_terms
+from verl_tre.workers.actor.dp_actor import TREDataParallelPPOActor
 
 
 @pytest.fixture
@@ -93,8 +93,8 @@ def test_entropy_columns_equal_the_unfused_actors_under_bf16_autocast(method, re
             outputs.append(actor._forward_micro_batch(batch, TEMPERATURE, calculate_entropy=True))
     (want_columns, want_logp), (columns, log_probs) = outputs
     mask = batch["attention_mask"][:, PROMPT:].bool()
-    assert columns.shape == want_columns.shape and columns.shape[-1] == len(COLUMNS)
-    for index, name in enumerate(COLUMNS):
+    assert columns.shape == want_columns.shape and columns.shape[-1] == len(EntropyTerms._fields)
+    for index, name in enumerate(EntropyTerms._fields):
         torch.testing.assert_close(columns[..., index][mask], want_columns[..., index][mask], rtol=1e-5, atol=1e-5, msg=name)
     torch.testing.assert_close(log_probs[mask], want_logp.float()[mask], rtol=0.0, atol=0.05)
 

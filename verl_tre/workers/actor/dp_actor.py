@@ -6,8 +6,9 @@ entropy function it calls for one that returns, per token, five columns computed
     [value, entropy_full, region_mass, region_size, topk_prob]
 
 (``value`` is the configured regularizer and the only column with gradient). verl pads, gathers and slices those
-columns like its own entropy. With use_fused_kernels the model's fused forward (verl_tre/models/fused_forward.py)
-returns the same columns, computed from the hidden states and the lm_head weight without logits. ``update_policy`` then composes
+columns like its own entropy (with use_fused_kernels the model's fused forward, verl_tre/models/fused_forward.py,
+returns the same columns from the hidden states and the lm_head weight, without logits). ``update_policy`` then
+composes
 
     policy_loss = pg_loss(tokens kept by the Forking mask, if on) - entropy_coeff * agg(value) [+ kl_loss]
 
@@ -112,7 +113,8 @@ class TREDataParallelPPOActor(DataParallelPPOActor):
             return None
         ids_rmpad, *_ = verl_dp_actor.unpad_input(micro_batch["input_ids"].unsqueeze(-1), micro_batch["attention_mask"])
         rolled = torch.roll(ids_rmpad.transpose(0, 1), shifts=-1, dims=1)
-        rolled, _, _ = verl_dp_actor.ulysses_pad_and_slice_inputs(rolled, position_ids_rmpad=None, sp_size=self.ulysses_sequence_parallel_size)
+        sp_size = self.ulysses_sequence_parallel_size
+        rolled, _, _ = verl_dp_actor.ulysses_pad_and_slice_inputs(rolled, position_ids_rmpad=None, sp_size=sp_size)
         return rolled
 
     @GPUMemoryLogger(role="dp actor", logger=logger)
