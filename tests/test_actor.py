@@ -212,7 +212,6 @@ def test_padded_and_remove_padding_paths_agree():
         ({"forking_tokens": {"scope": "global"}}, "scope must be one of"),
         ({"forking_tokens": {"enable": True}, "policy_loss": {"loss_mode": "clipped_kl_cov"}}, "cannot be combined"),
         ({"policy_loss": {"loss_mode": "clipped_kl_cov", "kl_cov_ratio": 0.0}}, "kl_cov_ratio must be in"),
-        ({"use_fused_kernels": True, "trust_region": {"mode": "top_k"}}, "use_fused_kernels"),
     ],
 )
 def test_invalid_options_fail_when_the_actor_is_built(override, message):

@@ -165,7 +165,7 @@ def _check_actor(c: _Checker, world: int, seq_len: int) -> None:
     from verl_tre.workers.actor.options import TREOptions
 
     try:
-        TREOptions.from_actor_config(c.get(a), use_fused_kernels=c.get("actor_rollout_ref.model.use_fused_kernels"))
+        TREOptions.from_actor_config(c.get(a))
     except ValueError as err:
         c.problems.append(f"{a}: {err}")
 
@@ -301,6 +301,14 @@ def _check_reward(c: _Checker) -> None:
     path = c.get("custom_reward_function.path")
     if path and not os.path.isfile(os.path.expanduser(str(path))):
         c.fail("custom_reward_function.path", "must be an existing Python file defining custom_reward_function.name")
+
+
+def lm_head_backend(config: DictConfig) -> str:
+    """One line saying how the actor computes log-probs and entropy terms, printed at launch."""
+    if OmegaConf.select(config, "actor_rollout_ref.model.use_fused_kernels"):
+        return ("use_fused_kernels=true: verl_tre's fused lm-head path (log-probs, entropy/TRE and statistics from "
+                "the hidden states in row chunks, no logits; fused_kernel_options.impl_backend is not used)")
+    return "use_fused_kernels=false: logits from the lm_head, then log-probs and entropy terms on them"
 
 
 def validate(config: DictConfig, launching: bool = True) -> None:

@@ -160,6 +160,7 @@ def run(config: DictConfig) -> None:
         print(f"[verl_tre] cpu mode: {note}", file=sys.stderr)
     print(f"[verl_tre] run {config.trainer.experiment_name} (seed {config.verl_tre.seed}) in "
           f"{run_identity.run_dir(config)}", file=sys.stderr)
+    print(f"[verl_tre] actor lm head: {config_check.lm_head_backend(config)}", file=sys.stderr)
     if dry_run:
         print(OmegaConf.to_yaml(config))
         return

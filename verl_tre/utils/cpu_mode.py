@@ -85,7 +85,6 @@ _CONFIG_ADJUSTMENTS: tuple[tuple[str, object, str], ...] = (
      "verl hard-codes flash_attention_2, a CUDA-only kernel"),
     ("critic.model.override_config._attn_implementation", "sdpa",
      "verl hard-codes flash_attention_2, a CUDA-only kernel"),
-    ("actor_rollout_ref.model.use_fused_kernels", False, "the fused kernels are Triton (GPU) code"),
     ("actor_rollout_ref.rollout.name", "hf", "vLLM and SGLang need CUDA; HF generate runs anywhere"),
     ("actor_rollout_ref.rollout.mode", "sync", "async rollout servers are vLLM/SGLang only"),
     ("actor_rollout_ref.rollout.tensor_model_parallel_size", 1, "HF rollout has no tensor parallelism"),

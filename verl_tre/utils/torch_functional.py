@@ -45,6 +45,7 @@ __all__ = [
     "entropy_from_logits",
     "trust_region_stats",
     "entropy_terms",
+    "fused_linear_entropy_terms",
 ]
 
 Mode = Literal["full", "top_k", "top_p"]
@@ -689,3 +690,254 @@ def trust_region_stats(
     if reference_top_p is not None:
         stats["nucleus_size"] = terms.nucleus_size
     return stats
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Fused lm-head path: log-probs and entropy terms from hidden states and the lm_head weight, without [N, V] logits.
+# Built on the per-chunk machinery above (_chunk_forward / _chunk_backward / _Workspace / _chunk_rows / the region
+# validation), so every entropy mode, statistic and numerical fix there applies here unchanged.
+# ---------------------------------------------------------------------------------------------------------------
+
+# Rows of one lm-head chunk hold [rows, V] logits in the compute dtype and, in backward, their gradient. The matmul
+# needs tens of rows to run near the GEMM's speed (a chunk re-reads the whole [V, H] weight), while the entropy
+# runs over sub-chunks of _chunk_rows() rows inside it. 2**23 elements (32 MiB of fp32 logits, 55 rows at
+# V = 151,936) measured near the unchunked matmul's speed on the 2-core CPU; a GPU takes 2**25.
+_FUSED_CHUNK_ELEMENTS = {"cpu": 2**23}
+_FUSED_CHUNK_ELEMENTS_ACCELERATOR = 2**25
+
+
+def _check_fused_inputs(hidden_states, weight, labels, temperature) -> None:
+    for name, t in (("hidden_states", hidden_states), ("weight", weight), ("labels", labels)):
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if hidden_states.dtype not in _FLOAT_DTYPES or hidden_states.dim() != 2:
+        raise ValueError(
+            f"hidden_states must be a floating [N, H] tensor, got {hidden_states.dtype} of shape "
+            f"{tuple(hidden_states.shape)}; flatten the leading dimensions first"
+        )
+    if weight.dim() != 2 or weight.shape[0] < 1 or weight.shape[1] != hidden_states.shape[1]:
+        raise ValueError(
+            f"weight must be the lm_head's [V, H] matrix with V >= 1 and H = hidden_states.shape[1] = "
+            f"{hidden_states.shape[1]}, got shape {tuple(weight.shape)}"
+        )
+    if weight.dtype != hidden_states.dtype:
+        raise ValueError(
+            f"hidden_states ({hidden_states.dtype}) and weight ({weight.dtype}) must have the same dtype; cast one "
+            "of them (under autocast, cast both to the autocast dtype)"
+        )
+    if labels.dtype != torch.int64 or labels.shape != hidden_states.shape[:1]:
+        raise ValueError(
+            f"labels must be an int64 [N] tensor of token ids with N = {hidden_states.shape[0]}, got {labels.dtype} "
+            f"of shape {tuple(labels.shape)}"
+        )
+    if not hidden_states.device == weight.device == labels.device:
+        raise ValueError(
+            f"hidden_states, weight and labels must be on one device, got {hidden_states.device}, {weight.device}, "
+            f"{labels.device}"
+        )
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
+        raise ValueError(f"temperature must be a number > 0, got {temperature!r}")
+
+
+def _fused_chunk_rows(vocab: int, device: torch.device, chunk_size: Optional[int]) -> int:
+    if chunk_size is not None:
+        return _chunk_rows(vocab, device, chunk_size)
+    budget = _FUSED_CHUNK_ELEMENTS.get(device.type, _FUSED_CHUNK_ELEMENTS_ACCELERATOR)
+    return max(1, budget // vocab)
+
+
+class _LinearChunks:
+    """Recomputes [rows, V] logits chunks h @ W.T / temperature into reused buffers, in the compute dtype.
+
+    Low-precision inputs go through the matmul in their own dtype (fp32 accumulation inside the GEMM) and are
+    divided by the temperature there, as an lm_head under autocast followed by ``logits / temperature`` does; the
+    result is then widened, like entropy_terms widens its input.
+    """
+
+    def __init__(self, hidden, weight, temperature: float, chunk: int):
+        self.hidden, self.weight, self.temperature, self.chunk = hidden, weight, temperature, chunk
+        self.work = _compute_dtype(hidden.dtype)
+        rows = min(chunk, hidden.shape[0])
+        self.buffer = torch.empty(rows, weight.shape[0], dtype=self.work, device=hidden.device)
+        self.low = None if self.work == hidden.dtype else torch.empty_like(self.buffer, dtype=hidden.dtype)
+
+    def __iter__(self):
+        for start in range(0, self.hidden.shape[0], self.chunk):
+            rows = slice(start, start + self.chunk)
+            h = self.hidden[rows]
+            target = self.buffer if self.low is None else self.low
+            z = torch.mm(h, self.weight.t(), out=target[: h.shape[0]])
+            if self.temperature != 1.0:
+                z.div_(self.temperature)
+            yield rows, h, (z if self.low is None else self.buffer[: h.shape[0]].copy_(z))
+
+
+def _sub_chunks(rows: slice, z: torch.Tensor, sub: int):
+    """(global row slice, local row slice, rows) of each sub-chunk of ``sub`` rows of the chunk z at ``rows``."""
+    for start in range(0, z.shape[0], sub):
+        stop = min(start + sub, z.shape[0])
+        yield slice(rows.start + start, rows.start + stop), slice(start, stop), z[start:stop]
+
+
+def _log_sum_exp(z: torch.Tensor, ws: _Workspace) -> torch.Tensor:
+    """[c] logsumexp of each row of z, through a workspace buffer (a row needs one finite entry)."""
+    row_max = z.amax(dim=-1, keepdim=True)
+    shifted = torch.sub(z, row_max, out=ws("lse", z))
+    return (row_max + shifted.exp_().sum(dim=-1, keepdim=True).log()).squeeze(-1)
+
+
+def _accumulate_weight_grad(acc: torch.Tensor, grad_z: torch.Tensor, grad_z_low, h: torch.Tensor) -> None:
+    """acc [V, H] += grad_z.T @ h for one chunk; acc is fp32 for low-precision inputs, so that the sum over chunks
+    is rounded once, as the unchunked matmul's is."""
+    if grad_z_low is None:
+        acc.addmm_(grad_z.t(), h)
+    elif acc.device.type == "cpu":
+        # CPUs without native bf16 run an fp32 GEMM faster than a bf16 one, and the chunk's hidden rows are small.
+        acc.addmm_(grad_z.t(), h.to(acc.dtype))
+    else:
+        acc.add_(torch.mm(grad_z_low.t(), h))
+
+
+class _FusedLinearEntropyFn(torch.autograd.Function):
+    """log-probs and EntropyTerms from hidden states and the lm_head weight, one chunk of rows at a time; the
+    backward pass recomputes each chunk's logits. Outputs: (log_probs, *EntropyTerms fields); log_probs and value
+    are differentiable, the statistics are not."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, temperature, region, stats_top_k, with_stats, chunk, sub, reference):
+        ctx.set_materialize_grads(False)
+        n, vocab = hidden.shape[0], weight.shape[0]
+        work = _compute_dtype(hidden.dtype)
+        ctx.region, ctx.temperature, ctx.chunk, ctx.sub = region, temperature, chunk, sub
+        if n == 0:
+            outs = [hidden.new_zeros(0, dtype=work) for _ in range(1 + len(EntropyTerms._fields))]
+            outs[1 + EntropyTerms._fields.index("tail_mass")] = hidden.new_zeros(0, len(reference.top_ks), dtype=work)
+            ctx.save_for_backward(hidden, weight, labels)
+            ctx.mark_non_differentiable(*outs[2:])
+            return tuple(outs)
+        with torch.autocast(device_type=hidden.device.type, enabled=False):
+            ws = _Workspace(min(sub, n))
+            log_probs, lse, rows_out, saved = [], [], None, None
+            for rows, _, z in _LinearChunks(hidden, weight, temperature, chunk):
+                for at, _, zs in _sub_chunks(rows, z, sub):
+                    lse.append(_log_sum_exp(zs, ws))
+                    label_logit = zs.gather(-1, labels[at].unsqueeze(-1)).squeeze(-1)
+                    log_probs.append(label_logit - lse[-1])
+                    row, keep = _chunk_forward(zs, region, stats_top_k, with_stats, ws, reference=reference)
+                    if rows_out is None:
+                        rows_out, saved = [[] for _ in row], [[] for _ in keep]
+                    for lst, t in zip(rows_out + saved, tuple(row) + tuple(keep)):
+                        lst.append(t)
+        outs = [torch.cat(log_probs)] + [torch.cat(lst) for lst in rows_out]
+        ctx.save_for_backward(hidden, weight, labels, torch.cat(lse), *(torch.cat(lst) for lst in saved))
+        ctx.mark_non_differentiable(*outs[2:])
+        return tuple(outs)
+
+    @staticmethod
+    def backward(ctx, grad_log_probs, grad_value, *unused):
+        hidden, weight, labels, *rest = ctx.saved_tensors
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        if hidden.shape[0] == 0 or (grad_log_probs is None and grad_value is None) or not (need_h or need_w):
+            grad_h = torch.zeros_like(hidden) if need_h else None
+            grad_w = torch.zeros_like(weight) if need_w else None
+            return grad_h, grad_w, None, None, None, None, None, None, None, None
+        lse, *saved = rest
+        work = _compute_dtype(hidden.dtype)
+        grad_h = torch.empty_like(hidden) if need_h else None
+        acc = torch.zeros_like(weight, dtype=work) if need_w else None
+        with torch.autocast(device_type=hidden.device.type, enabled=False):
+            chunks = _LinearChunks(hidden, weight, ctx.temperature, ctx.chunk)
+            grad_buffer = torch.empty_like(chunks.buffer)
+            grad_low_buffer = None if chunks.low is None else torch.empty_like(chunks.low)
+            ws = _Workspace(min(ctx.sub, hidden.shape[0]))
+            for rows, h, z in chunks:
+                grad_z = grad_buffer[: z.shape[0]]
+                for at, part, zs in _sub_chunks(rows, z, ctx.sub):
+                    out = grad_z[part]
+                    if grad_value is not None:
+                        per_row = tuple(t[at].unsqueeze(-1) for t in saved)
+                        _chunk_backward(zs, ctx.region, per_row, grad_value[at].to(work).unsqueeze(-1), out, ws)
+                    if grad_log_probs is not None:
+                        # d log_softmax(z)[label] / dz = onehot(label) - softmax(z)
+                        g = grad_log_probs[at].to(work).unsqueeze(-1)
+                        probs = torch.sub(zs, lse[at].unsqueeze(-1), out=ws("lse", zs)).exp_()
+                        if grad_value is None:
+                            torch.mul(probs, -g, out=out)
+                        else:
+                            out.addcmul_(probs, g, value=-1.0)
+                        out.scatter_add_(-1, labels[at].unsqueeze(-1), g)
+                if ctx.temperature != 1.0:
+                    grad_z.div_(ctx.temperature)
+                grad_low = None if grad_low_buffer is None else grad_low_buffer[: z.shape[0]].copy_(grad_z)
+                matmul_grad = grad_z if grad_low is None else grad_low
+                if need_h:
+                    torch.mm(matmul_grad, weight, out=grad_h[rows])
+                if need_w:
+                    _accumulate_weight_grad(acc, grad_z, grad_low, h)
+        grad_w = None if acc is None else acc.to(weight.dtype)
+        return grad_h, grad_w, None, None, None, None, None, None, None, None
+
+
+
+def fused_linear_entropy_terms(
+    hidden_states: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    top_k: Optional[int] = None,
+    top_p: Optional[float] = None,
+    max_region_size: Optional[int] = None,
+    scale: bool = True,
+    stats_top_k: int = 1,
+    with_stats: bool = True,
+    chunk_size: Optional[int] = None,
+    reference_top_k: Sequence[int] = (),
+    reference_top_p: Optional[float] = None,
+):
+    """Per-token log-probs and entropy terms straight from the lm_head, never holding [N, V] logits.
+
+    Equal to ``log_softmax(hidden_states @ weight.T / temperature)[labels]`` and to
+    ``entropy_terms(hidden_states @ weight.T / temperature, top_k, top_p, ...)``, with gradients w.r.t.
+    hidden_states and weight through both the log-probs and ``value``. Rows go through in chunks of
+    ``chunk_size``; backward recomputes each chunk's logits. Memory beyond the inputs and their gradients: two
+    [chunk_size, V] buffers in the compute dtype (plus one in the input dtype for bf16/fp16), the entropy
+    workspace of entropy_terms, and for bf16/fp16 weights an fp32 [V, H] accumulator of the weight's gradient.
+
+    Args:
+        hidden_states: [N, H] final hidden states (fp16, bf16, fp32 or fp64), used in their own dtype (under
+            autocast cast them and the weight to the autocast dtype first).
+        weight: [V, H] lm_head weight, same dtype and device.
+        labels: [N] int64 token ids in [0, V) whose log-probs are returned.
+        temperature: logits are divided by it (> 0) before everything else.
+        top_k, top_p, max_region_size, scale, stats_top_k, with_stats, reference_top_k, reference_top_p: as
+            entropy_terms.
+        chunk_size: rows per lm-head chunk (default: about 8M logits per chunk on CPU, 32M on a GPU).
+
+    Returns:
+        (log_probs [N], EntropyTerms of [N] tensors, tail_mass [N, len(reference_top_k)]), fp32 (fp64 for fp64
+        inputs); log_probs and value carry gradient.
+    """
+    region = TrustRegion.from_args(top_k, top_p, max_region_size, scale)
+    return _fused_linear_entropy_terms(
+        hidden_states, weight, labels, region, temperature=temperature, stats_top_k=stats_top_k,
+        with_stats=with_stats, chunk_size=chunk_size, reference=_Reference.from_args(reference_top_k, reference_top_p),
+    )
+
+
+def _fused_linear_entropy_terms(
+    hidden_states, weight, labels, region: TrustRegion, *, temperature=1.0, stats_top_k=1, with_stats=True,
+    chunk_size=None, reference=_NO_REFERENCE,
+):
+    """fused_linear_entropy_terms for an already built region (the actor validates its options once)."""
+    _check_fused_inputs(hidden_states, weight, labels, temperature)
+    vocab = weight.shape[0]
+    region.validate(vocab)
+    if isinstance(stats_top_k, bool) or not isinstance(stats_top_k, int) or stats_top_k < 1:
+        raise ValueError(f"stats_top_k must be an integer >= 1, got {stats_top_k!r}")
+    chunk = _fused_chunk_rows(vocab, hidden_states.device, chunk_size)
+    sub = min(chunk, _chunk_rows(vocab, hidden_states.device, None))
+    log_probs, *terms = _FusedLinearEntropyFn.apply(
+        hidden_states, weight, labels, float(temperature), region, stats_top_k, with_stats, chunk, sub, reference
+    )
+    return log_probs, EntropyTerms(*terms)

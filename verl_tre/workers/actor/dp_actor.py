@@ -7,7 +7,8 @@ entropy function it calls for one that returns, per token, columns computed in o
 
 (``value`` is the configured regularizer and the only column with gradient; the columns after region_size are the
 reference statistics, on the same fixed regions for every method). verl pads, gathers and slices those columns
-like its own entropy. ``update_policy`` then composes
+like its own entropy (with use_fused_kernels the model's fused forward, verl_tre/models/fused_forward.py, returns
+the same columns from the hidden states and the lm_head weight, without logits). ``update_policy`` then composes
 
     policy_loss = pg_loss(tokens kept by the Forking mask, if on) - entropy_coeff * agg(value) [+ kl_loss]
 
@@ -23,6 +24,7 @@ from contextlib import contextmanager, nullcontext
 
 import torch
 import verl.utils.torch_functional as verl_F
+import verl.workers.actor.dp_actor as verl_dp_actor
 from verl import DataProto
 from verl.trainer.ppo.core_algos import agg_loss, compute_policy_loss, get_policy_loss_fn, kl_penalty
 from verl.utils.debug import GPUMemoryLogger
@@ -30,6 +32,7 @@ from verl.utils.device import get_device_id
 from verl.utils.seqlen_balancing import rearrange_micro_batches
 from verl.workers.actor.dp_actor import DataParallelPPOActor
 
+from verl_tre.models import fused_forward
 from verl_tre.trainer.ppo.core_algos import CLIPPED_KL_COV, forking_mini_batch_mask, forking_token_mask, kl_cov_token_count
 from verl_tre.utils.torch_functional import EntropyTerms, TrustRegion, _entropy_terms, _Reference
 from verl_tre.workers.actor.options import TREOptions
@@ -59,6 +62,11 @@ class TREDataParallelPPOActor(DataParallelPPOActor):
         # The entropy function verl calls; update_policy and compute_log_prob bind its region and whether its value
         # may carry gradient around their forward passes (_entropy_mode).
         self.compute_entropy_from_logits = functools.partial(self._entropy_columns, region=self.tre.region, needs_grad=False)
+        if self.use_fused_kernels and not fused_forward.is_installed(actor_module):
+            raise ValueError(
+                "use_fused_kernels=true needs verl_tre's fused forward on the model: build the actor through verl's "
+                "worker after verl_tre.plugin.install(), or call verl_tre.models.fused_forward.install_forward(model)"
+            )
 
     def _entropy_columns(self, logits: torch.Tensor, region: TrustRegion, needs_grad: bool) -> torch.Tensor:
         """[..., V] temperature-scaled logits -> [..., C] fp32 columns (see column_names).
@@ -83,17 +91,42 @@ class TREDataParallelPPOActor(DataParallelPPOActor):
 
     def _forward_micro_batch(self, micro_batch, temperature, calculate_entropy=False):
         """verl's forward; with calculate_entropy, the entropy output is the [B, T, 5] columns."""
+        if self.use_fused_kernels:
+            return self._fused_forward_micro_batch(micro_batch, temperature, calculate_entropy)
         if not calculate_entropy:
             return super()._forward_micro_batch(micro_batch, temperature, calculate_entropy=False)
         # verl's padded path calls verl_F.entropy_from_logits directly instead of self.compute_entropy_from_logits.
-        padded = not self.use_remove_padding and not self.use_fused_kernels
-        patch = _swap_attr(verl_F, "entropy_from_logits", self.compute_entropy_from_logits) if padded else nullcontext()
+        patch = _swap_attr(verl_F, "entropy_from_logits", self.compute_entropy_from_logits) if not self.use_remove_padding else nullcontext()
         with patch:
-            entropy, log_probs = super()._forward_micro_batch(micro_batch, temperature, calculate_entropy=True)
-        if self.use_fused_kernels:
-            # The fused kernel yields the full entropy only (TREOptions refuses TRE and metrics with it).
-            entropy = torch.stack([entropy, entropy] + [torch.zeros_like(entropy)] * 3, dim=-1).float()
-        return entropy, log_probs
+            return super()._forward_micro_batch(micro_batch, temperature, calculate_entropy=True)
+
+    def _fused_forward_micro_batch(self, micro_batch, temperature, calculate_entropy):
+        """verl's fused-kernel branch (remove-padding, Ulysses or padded) with verl_tre's fused forward on the model:
+        it returns the log-probs and the same entropy columns as _entropy_columns, computed from the hidden states and
+        the lm_head weight without logits. Passes without entropy compute the full entropy only, as a by-product."""
+        bound = self.compute_entropy_from_logits.keywords  # what _entropy_mode bound for this pass
+        region = bound["region"] if calculate_entropy else _FULL
+        head = fused_forward.FusedHead(
+            region=region,
+            reference=self._reference,
+            with_stats=self.tre.metrics and region is not _FULL,
+            value_needs_grad=calculate_entropy and bound["needs_grad"],
+            columns=terms_to_columns,
+            labels=self._ulysses_labels(micro_batch),
+        )
+        with fused_forward.active(head):
+            return super()._forward_micro_batch(micro_batch, temperature, calculate_entropy=calculate_entropy)
+
+    def _ulysses_labels(self, micro_batch):
+        """Next-token ids of this rank's Ulysses slice, rolled before slicing as verl's unfused path does (a roll of
+        the slice, which the model sees, would wrap at the slice's end); None without sequence parallelism."""
+        if not (self.use_remove_padding and self.use_ulysses_sp):
+            return None
+        ids_rmpad, *_ = verl_dp_actor.unpad_input(micro_batch["input_ids"].unsqueeze(-1), micro_batch["attention_mask"])
+        rolled = torch.roll(ids_rmpad.transpose(0, 1), shifts=-1, dims=1)
+        sp_size = self.ulysses_sequence_parallel_size
+        rolled, _, _ = verl_dp_actor.ulysses_pad_and_slice_inputs(rolled, position_ids_rmpad=None, sp_size=sp_size)
+        return rolled
 
     @GPUMemoryLogger(role="dp actor", logger=logger)
     def compute_log_prob(self, data: DataProto, calculate_entropy=False):

@@ -86,11 +86,9 @@ class TREOptions:
         return self.entropy_coeff != 0 or self.metrics or self.forking
 
     @classmethod
-    def from_actor_config(cls, config, use_fused_kernels=None) -> "TREOptions":
-        """Reads and validates the options from verl's actor config (DictConfig or dict).
-
-        ``use_fused_kernels``: the model-level setting (actor_rollout_ref.model.use_fused_kernels) when validating
-        before the worker copies it into the actor config; None reads it from the actor config.
+    def from_actor_config(cls, config) -> "TREOptions":
+        """Reads and validates the options from verl's actor config (DictConfig or dict). Every option works with
+        use_fused_kernels too (the fused lm-head path computes the same entropy columns).
 
         Raises:
             ValueError: naming the option, the bad value and what is allowed.
@@ -137,14 +135,6 @@ class TREOptions:
                 raise ValueError(f"actor.policy_loss.kl_cov_ratio must be in (0, 1] for {CLIPPED_KL_COV}, got {kl_ratio}")
             if _number(pl.get("ppo_kl_coef"), "actor.policy_loss.ppo_kl_coef") < 0:
                 raise ValueError(f"actor.policy_loss.ppo_kl_coef must be >= 0, got {pl.get('ppo_kl_coef')}")
-        if use_fused_kernels is None:
-            use_fused_kernels = config.get("use_fused_kernels", False)
-        if use_fused_kernels and (mode != "full" or bool(tr.get("metrics", True))):
-            raise ValueError(
-                "actor_rollout_ref.model.use_fused_kernels=true returns only the full entropy, without logits: "
-                "TRE (trust_region.mode=top_k/top_p) and the trust-region metrics need the logits. Set "
-                "use_fused_kernels=false, or trust_region.mode=full and trust_region.metrics=false."
-            )
         if mode != "full" and coeff == 0:
             warnings.warn(
                 f"actor.trust_region.mode={mode} with entropy_coeff=0: the TRE term has no effect on the loss "

@@ -1,0 +1,164 @@
+"""Forward + backward time and peak memory of the lm head's log-probs and entropy terms (not a test).
+
+    python benchmarks/bench_fused_linear.py                          # CPU, fp32, H = 1536, N = 1024 and 2048
+    python benchmarks/bench_fused_linear.py --n 1024,2048,4096,8192  # needs ~16 GiB free for the unfused N = 8192
+    python benchmarks/bench_fused_linear.py --device cuda --dtype bf16 --n 16384
+
+Cases, each on hidden states [N, H] and the lm_head weight [V, H] (V = 151,936), backward of
+sum(g1 * log_probs + g2 * value) into both:
+  unfused: logits = hidden @ weight.T / T materialized, verl 0.4.1's logprobs_from_logits and our entropy_terms
+           on them (the actor with use_fused_kernels=false);
+  fused:   fused_linear_entropy_terms (the actor with use_fused_kernels=true).
+The entropy is TRE-P (p = 0.99, with the statistics, as update_policy computes it) unless --method says otherwise.
+
+Each case runs in a fresh subprocess so that its peak is its own: on CUDA max_memory_allocated, on CPU the growth
+of the process's peak resident set (ru_maxrss), which also counts memory the C allocator keeps after a free.
+Memory is reported above the inputs and their gradients (hidden, weight and their .grad), in MiB and as a
+multiple of the size of the logits [N, V] in the inputs' dtype. The goals are printed as measured / goal: memory
+at most 0.25x the logits and flat in N; time at most 1.3x the unfused path's on CPU (fp32), 1.2x on a GPU (bf16).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+
+CASES = ("unfused", "fused")
+METHODS = {"full": {}, "tre_k": {"top_k": 2}, "tre_p": {"top_p": 0.99}}
+
+
+def _inputs(n: int, hidden: int, vocab: int, dtype, device):
+    """LLM-like hidden states and weight: logits with a few strong candidates over a long tail."""
+    import torch
+
+    gen = torch.Generator(device=device).manual_seed(0)
+    h = torch.randn(n, hidden, generator=gen, device=device).div_(hidden**0.5).mul_(3.0)
+    w = torch.randn(vocab, hidden, generator=gen, device=device)
+    labels = torch.randint(0, vocab, (n,), generator=gen, device=device)
+    grads = torch.randn(2, n, generator=gen, device=device)
+    return h.to(dtype).requires_grad_(), w.to(dtype).requires_grad_(), labels, grads
+
+
+def _step_fn(case: str, method: dict, temperature: float):
+    import verl.utils.torch_functional as verl_F
+
+    from verl_tre.utils.torch_functional import entropy_terms, fused_linear_entropy_terms
+
+    def unfused(h, w, labels):
+        logits = (h @ w.T).div_(temperature)
+        log_probs = verl_F.logprobs_from_logits(logits, labels, inplace_backward=False)
+        return log_probs, entropy_terms(logits, **method).value
+
+    def fused(h, w, labels):
+        log_probs, terms = fused_linear_entropy_terms(h, w, labels, temperature=temperature, **method)
+        return log_probs, terms.value
+
+    return {"unfused": unfused, "fused": fused}[case]
+
+
+def run_one(case: str, n: int, args) -> dict:
+    """Times one case in this process: {"ms": best of repeat, "extra_mib": peak above inputs and gradients}."""
+    import torch
+
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+    fn = _step_fn(case, METHODS[args.method], 0.7)
+    torch.ones(8, 8, requires_grad=True).sum().backward()  # autograd's own start-up, before the baseline
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    h, w, labels, grads = _inputs(n, args.hidden, args.vocab, dtype, args.device)
+    inputs_bytes = 2 * (h.numel() + w.numel()) * h.element_size()  # the inputs and their gradients
+    logits_bytes = n * args.vocab * h.element_size()
+    sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
+
+    def step():
+        h.grad = w.grad = None
+        log_probs, value = fn(h, w, labels)
+        ((log_probs.float() * grads[0]).sum() + (value.float() * grads[1]).sum()).backward()
+        sync()
+
+    if args.device == "cuda":
+        base = torch.cuda.memory_allocated()
+        h.grad = w.grad = None
+        torch.cuda.reset_peak_memory_stats()
+        step()
+        extra = torch.cuda.max_memory_allocated() - base - inputs_bytes // 2
+    else:
+        step()
+        extra = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before - inputs_bytes
+    times = []
+    for _ in range(args.repeat):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    return {"ms": min(times) * 1e3, "extra_mib": extra / 2**20, "logits_mib": logits_bytes / 2**20}
+
+
+def _goals(results: dict, device: str) -> list[str]:
+    time_goal = 1.2 if device == "cuda" else 1.3
+    lines = []
+    fused = sorted(n for case, n in results if case == "fused")
+    for n in fused:
+        r = results[("fused", n)]
+        mem = r["extra_mib"] / r["logits_mib"]
+        line = f"N={n}: fused memory {mem:.3f}x / 0.25x logits {'MET' if mem <= 0.25 else 'NOT MET'}"
+        if ("unfused", n) in results:
+            ratio = r["ms"] / results[("unfused", n)]["ms"]
+            line += f"; time {ratio:.2f}x / {time_goal}x unfused {'MET' if ratio <= time_goal else 'NOT MET'}"
+        lines.append(line)
+    if len(fused) > 1:
+        cells = ", ".join(f"N={n}: {results[('fused', n)]['extra_mib']:.0f} MiB" for n in fused)
+        lines.append(f"fused memory above inputs and gradients: {cells} (should not grow with N)")
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--dtype", default=None, choices=["fp32", "bf16"], help="default: fp32 on CPU, bf16 on CUDA")
+    parser.add_argument("--n", default=None, help="comma-separated token counts (default: 1024,2048 on CPU, 16384 on CUDA)")
+    parser.add_argument("--hidden", type=int, default=1536, help="H (1536: Qwen2.5-1.5B)")
+    parser.add_argument("--vocab", type=int, default=151_936)
+    parser.add_argument("--method", default="tre_p", choices=list(METHODS))
+    parser.add_argument("--repeat", type=int, default=1)
+    parser.add_argument("--cases", default=",".join(CASES))
+    parser.add_argument("--one", nargs=2, metavar=("CASE", "N"), help=argparse.SUPPRESS)  # subprocess mode
+    args = parser.parse_args()
+    args.dtype = args.dtype or ("bf16" if args.device == "cuda" else "fp32")
+
+    if args.one:
+        print(json.dumps(run_one(args.one[0], int(args.one[1]), args)))
+        return
+
+    import torch
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda needs a CUDA GPU; this machine has none")
+    sizes = [int(x) for x in (args.n or ("16384" if args.device == "cuda" else "1024,2048")).split(",")]
+    where = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    print(f"# {where}; torch {torch.__version__}; V = {args.vocab:,}, H = {args.hidden}; {args.dtype}; "
+          f"{args.method}; forward + backward; best of {args.repeat} after one warm-up step")
+    print(f"{'case':<8} {'N':>6} {'ms':>10} {'MiB above inputs+grads':>23} {'x logits':>9}")
+    results = {}
+    for n in sizes:
+        for case in args.cases.split(","):
+            cmd = [sys.executable, __file__, "--one", case, str(n), "--device", args.device, "--dtype", args.dtype,
+                   "--hidden", str(args.hidden), "--vocab", str(args.vocab), "--method", args.method,
+                   "--repeat", str(args.repeat)]
+            done = subprocess.run(cmd, capture_output=True, text=True)
+            if done.returncode != 0:
+                tail = done.stderr.strip().splitlines()[-1] if done.stderr.strip() else done.returncode
+                print(f"{case:<8} {n:>6} failed: {tail}")
+                continue
+            r = json.loads(done.stdout.strip().splitlines()[-1])
+            results[(case, n)] = r
+            print(f"{case:<8} {n:>6} {r['ms']:>10.0f} {r['extra_mib']:>23.0f} {r['extra_mib'] / r['logits_mib']:>9.3f}",
+                  flush=True)
+    for line in _goals(results, args.device):
+        print(line)
+
+
+if __name__ == "__main__":
+    main()
