@@ -213,8 +213,11 @@ def test_without_stats_and_no_grad():
 def test_empty_input():
     hidden = torch.zeros(0, 4, requires_grad=True)
     weight = torch.randn(10, 4, requires_grad=True)
-    lp, terms = fused_linear_entropy_terms(hidden, weight, torch.zeros(0, dtype=torch.long), top_k=2)
-    assert lp.shape == (0,) and all(t.shape == (0,) for t in terms)
+    lp, terms = fused_linear_entropy_terms(hidden, weight, torch.zeros(0, dtype=torch.long), top_k=2,
+                                           reference_top_k=(2, 3))
+    expected = entropy_terms(torch.zeros(0, 10), top_k=2, reference_top_k=(2, 3))
+    assert lp.shape == (0,) and [t.shape for t in terms] == [t.shape for t in expected]
+    assert terms.tail_mass.shape == (0, 2)
     (lp.sum() + terms.value.sum()).backward()
     assert hidden.grad.shape == (0, 4) and not weight.grad.any()
 

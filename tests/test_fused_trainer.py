@@ -69,7 +69,7 @@ def test_update_policy_equals_the_unfused_actor(method, remove_padding, fp32_for
     assert metrics["fused"].keys() == metrics["unfused"].keys()
     for key, want in metrics["unfused"].items():
         assert metrics["fused"][key] == pytest.approx(want, rel=1e-4, abs=1e-5), key
-    assert any(k.startswith("actor/region_size") for k in metrics["fused"])
+    assert any(k.startswith("actor/ref/nucleus_size") for k in metrics["fused"])
     moved = False
     for b, p_fused, p_unfused in zip(before, models["fused"].parameters(), models["unfused"].parameters()):
         delta_fused, delta_unfused = p_fused.detach() - b, p_unfused.detach() - b
@@ -123,13 +123,18 @@ def test_plugin_replaces_verls_fused_forward_and_keeps_generation(monkeypatch):
     out = model(input_ids=ids)
     assert out.logits.shape == (2, 7, 96)  # without an active head: the model's own forward
     assert model.generate(ids, max_new_tokens=3, do_sample=False).shape == (2, 10)
-    head = fused_forward.FusedHead(TrustRegion(mode="top_k", top_k=2), 1, True, True, lambda t: torch.stack(tuple(t), -1))
+    from verl_tre.utils.torch_functional import _Reference
+    from verl_tre.workers.actor.dp_actor import terms_to_columns
+
+    reference = _Reference((2,), 0.9)
+    head = fused_forward.FusedHead(TrustRegion(mode="top_k", top_k=2), reference, True, True, terms_to_columns)
     with fused_forward.active(head):
         fused = model(input_ids=ids, temperature=0.5, return_dict=True)
     labels = torch.roll(ids, -1, -1)
     z = out.logits.detach() / 0.5
     torch.testing.assert_close(fused.log_probs, torch.log_softmax(z, -1).gather(-1, labels.unsqueeze(-1)).squeeze(-1), rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(fused.entropy, torch.stack(tuple(entropy_terms(z, top_k=2)), -1), rtol=1e-5, atol=1e-5)
+    unfused = terms_to_columns(entropy_terms(z, top_k=2, reference_top_k=(2,), reference_top_p=0.9))
+    torch.testing.assert_close(fused.entropy, unfused, rtol=1e-5, atol=1e-5)
     # The critic (a value model, built without use_fused_kernels) keeps its forward.
     critic = Qwen2ForTokenClassification(Qwen2Config(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                                      num_attention_heads=4, num_key_value_heads=2, num_labels=1))
