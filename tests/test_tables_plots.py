@@ -72,7 +72,7 @@ def test_reading_the_fixture_runs_tolerates_resume_and_truncation():
     assert list(ppo.metrics.index) == sorted(set(r["step"] for r in records))
     assert tre.metrics.index.max() == max(r["step"] for r in raw_records(TRE_K))
     assert ppo.validation_key() == VAL_KEY
-    assert tre.series("actor/tre_value") is not None and tre.series("actor/region_size").max() == 2
+    assert tre.series("actor/regularizer/value") is not None and tre.series("actor/regularizer/region_size").max() == 2
 
 
 def test_markdown_table_cells_are_final_or_best_validation_in_percent():
@@ -130,7 +130,7 @@ def test_plots_one_figure_per_task_and_size_with_missing_panels_marked(tmp_path)
     bare.mkdir()
     with open(bare / "metrics.jsonl", "w") as f:
         for rec in raw_records(PPO):
-            rec["metrics"].pop("actor/tre_value", None)
+            rec["metrics"].pop("actor/regularizer/value", None)
             f.write(json.dumps(rec) + "\n")
     shutil.copy(os.path.join(PPO, "run.json"), bare / "run.json")
     fig = plots.plot_group(read_runs([str(bare)]), "PPO only")
