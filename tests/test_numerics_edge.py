@@ -7,7 +7,6 @@ from fractions import Fraction
 import pytest
 import torch
 
-from verl_tre.utils import torch_functional
 from verl_tre.utils.torch_functional import (
     EntropyTerms,
     _nucleus_by_radix,

@@ -23,7 +23,7 @@ from hypothesis import HealthCheck, given, settings as hyp_settings, strategies 
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
-from verl_tre.reward_server.background import free_port, serve_in_background, wait_until_ready  # noqa: E402
+from verl_tre.reward_server.background import free_port, serve_in_background  # noqa: E402
 from verl_tre.reward_server.batching import SIMILAR, Job, LengthAwareBatcher  # noqa: E402
 from verl_tre.reward_server.encoding import PairEncoder  # noqa: E402
 from verl_tre.reward_server.settings import ServerSettings  # noqa: E402

@@ -806,7 +806,7 @@ class _FusedLinearEntropyFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, labels, temperature, region, stats_top_k, with_stats, chunk, sub, reference):
         ctx.set_materialize_grads(False)
-        n, vocab = hidden.shape[0], weight.shape[0]
+        n = hidden.shape[0]
         work = _compute_dtype(hidden.dtype)
         ctx.region, ctx.temperature, ctx.chunk, ctx.sub = region, temperature, chunk, sub
         if n == 0:
