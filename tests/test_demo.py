@@ -176,3 +176,14 @@ def test_reuse_setup_keeps_only_a_matching_setup(tmp_path, monkeypatch):
     assert not (out / "policy" / "weights").exists()
     demo.set_up(out, argparse.Namespace(sft_steps=6, seed=0, reuse_setup=False))  # default: fresh
     assert not (out / "policy" / "weights").exists() and calls.count("sft") == 4
+
+
+def test_only_tagged_demonstrations_earn_reward():
+    """The warm start's premise: the reward reads the answer tags, so an untagged demonstration of the same
+    verified equation scores 0 (what RL can learn to fix in minutes) and a tagged one scores 1."""
+    from verl_tre.utils.reward_score.countdown import compute_score
+
+    truth = {"target": 46, "numbers": [12, 34]}
+    assert compute_score(demo._response("12 + 34", tagged=True), truth) == 1.0
+    assert compute_score(demo._response("12 + 34", tagged=False), truth) == 0.0
+    assert 0 < demo.TAGGED_FRACTION < 1

@@ -2,10 +2,13 @@
 
     python -m verl_tre.demo [--out outputs/demo] [--steps N] [--entropy-coeff C] [--seed S] [--reuse-setup]
 
-1. Set-up: generates a Countdown set (3 numbers) with the project's generator, trains a byte-level BPE tokenizer
-   on it and warm-starts a tiny Qwen2 policy by a short supervised pass on the generator's verified solutions,
-   so that it earns reward on some prompts from the first RL step (a random policy never does, and GRPO's
-   advantages would all be zero).
+1. Set-up: generates a Countdown set (2 numbers) with the project's generator, trains a byte-level BPE tokenizer
+   on it and warm-starts a tiny Qwen2 policy by a short supervised pass on the generator's verified solutions.
+   Only TAGGED_FRACTION of those demonstrations put the equation in the <answer> tags the reward reads; the
+   others leave it in the <think> block (a common failure of instruction models on Countdown, and the first
+   thing RL fixes at scale). So the warm start earns reward on some prompts from the first step (GRPO needs
+   that) and has something RL can learn in minutes: a 1M-parameter policy improves its arithmetic far too
+   slowly for a 5-minute demo (measured, see the settings below).
 2. Training: one Ray start-up, then two runs of verl's RayPPOTrainer in CPU mode (GRPO, HF rollout) from the same
    warm start with the same data order: TRE-K (K = 2) and the full-entropy bonus at the same coefficient.
    Each step prints one line; verl's own output goes to ``<out>/train.log``.
@@ -31,16 +34,22 @@ import time
 import warnings
 from pathlib import Path
 
-# The demo's settings. Measured on the loaded 2-core VM (2026-12-01, TRE-K, this warm start: sampled reward
-# 0.04 at temperature 1, greedy 0.18 on 256 training prompts): RL lr 1e-3 (coefficient 0.01 or 0.001) raised
-# the full entropy and dropped the held-out reward to 0.00 within 4 steps; lr 3e-4 kept it flat (0.078 -> 0.059
-# over 20 steps), also with 2 epochs x 2 mini-batches per step. None of these shows learning yet.
-NUM_TRAIN, NUM_TEST, DATA_SEED = 4000, 256, 0
-NUMBERS = dict(num_numbers=(3,), min_number=1, max_number=20, min_target=1, max_target=100)
+# Before torch loads: OpenMP threads that spin while they wait make the warm start 7.6x slower than one thread
+# when another job holds a core (measured on the 2-core VM); sleeping threads cost nothing then.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+# The demo's settings, chosen by measurement on the 2-core VM (2026-12-01). With every demonstration in the
+# tags (3 numbers in 1-20, 400 supervised steps: held-out reward 0.05 sampled, 0.14 greedy; or 2 numbers in
+# 1-60, 300 steps: 0.23 sampled) 20 GRPO steps at lr 1e-4 or 3e-4 left the held-out reward flat and lr 1e-3
+# collapsed it to 0.00-0.03 (verl's trainer and a plain-torch GRPO loop of the same sizes).
+# With TAGGED_FRACTION = 0.3, 20 steps at lr 3e-4 raised it 0.01 -> 0.17 (plain-torch GRPO, same sizes).
+NUM_TRAIN, NUM_TEST, DATA_SEED = 3000, 256, 0
+NUMBERS = dict(num_numbers=(2,), min_number=1, max_number=60, min_target=1, max_target=100)
+TAGGED_FRACTION = 0.4
 VOCAB_SIZE = 1024
 POLICY = dict(hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=2, intermediate_size=384)
-SFT_STEPS, SFT_BATCH, SFT_LR = 400, 32, 3e-3
-MAX_PROMPT, MAX_RESPONSE = 48, 24
+SFT_STEPS, SFT_BATCH, SFT_LR = 300, 32, 3e-3
+MAX_PROMPT, MAX_RESPONSE = 48, 16
 RL_LR, DEFAULT_STEPS, DEFAULT_COEFF, TEST_FREQ = 3e-4, 20, 0.001, 5
 PROMPTS, ROLLOUTS = 8, 16  # per step; 16 rollouts give more prompts at least one success to learn from
 
@@ -60,9 +69,10 @@ METRICS = {
 }
 
 
-def _response(solution: str) -> str:
-    """The completion the warm start imitates: the reward's format with the verified equation."""
-    return f"<think> </think> <answer> {solution} </answer>"
+def _response(solution: str, tagged: bool = True) -> str:
+    """A completion the warm start imitates: the verified equation in the reward's answer tags, or (untagged,
+    scored 0) left in the think block."""
+    return f"<think> </think> <answer> {solution} </answer>" if tagged else f"<think> {solution} </think>"
 
 
 def prepare_data(out: Path) -> tuple[Path, list[dict]]:
@@ -92,7 +102,8 @@ def build_tokenizer(out: Path, rows: list[dict]):
     path = out / "tokenizer"
     if (path / "tokenizer.json").is_file():
         return AutoTokenizer.from_pretrained(str(path))
-    texts = [row["prompt"][0]["content"] for row in rows] + [_response(r["extra_info"]["solution"]) for r in rows]
+    texts = [row["prompt"][0]["content"] for row in rows]
+    texts += [_response(r["extra_info"]["solution"], tagged) for r in rows for tagged in (True, False)]
     texts += ["user\n", "assistant\n"] * len(rows)  # the chat template's role lines
     return local_assets.train_bpe_tokenizer(texts, path, vocab_size=VOCAB_SIZE, compact=True)
 
@@ -100,6 +111,7 @@ def build_tokenizer(out: Path, rows: list[dict]):
 def warm_start(out: Path, tokenizer, rows: list[dict], steps: int, seed: int) -> Path:
     """Supervised warm start of a tiny Qwen2 policy on (prompt, verified solution) pairs; returns its dir.
 
+    Each row's demonstration is tagged with probability TAGGED_FRACTION (drawn once per row from ``seed``).
     Loss: token-mean cross-entropy on the response tokens only (prompt positions masked with -100).
     """
     import torch
@@ -111,19 +123,20 @@ def warm_start(out: Path, tokenizer, rows: list[dict], steps: int, seed: int) ->
     policy = out / "policy"
     if (policy / "model.safetensors").is_file():
         return policy
-    # A model this small gains nothing from intra-op threads, and on a busy machine they cost ~10x.
-    torch.set_num_threads(1)
+    # Measured on the 2-core VM: 2 threads 1.75x faster than 1; a policy this small gains nothing from more.
+    torch.set_num_threads(min(2, torch.get_num_threads()))
     init = local_assets.tiny_qwen2(out / "policy_init", tokenizer, seed=seed, **POLICY)
     model = AutoModelForCausalLM.from_pretrained(str(init))
+    rng = random.Random(seed)
     examples = []
     for row in rows:
         prompt = tokenizer(_chat(tokenizer, row), add_special_tokens=False)["input_ids"]
-        answer = tokenizer(_response(row["extra_info"]["solution"]) + tokenizer.eos_token,
+        tagged = rng.random() < TAGGED_FRACTION
+        answer = tokenizer(_response(row["extra_info"]["solution"], tagged) + tokenizer.eos_token,
                            add_special_tokens=False)["input_ids"]
         examples.append((prompt, answer))
     optimizer = torch.optim.AdamW(model.parameters(), lr=SFT_LR, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=SFT_LR, total_steps=steps, pct_start=0.1)
-    rng = random.Random(seed)
     model.train()
     bar = tqdm(range(steps), desc="warm start (supervised)", unit="step", file=sys.stdout)
     for _ in bar:
@@ -354,7 +367,7 @@ def plot(records: dict[str, list[dict]], path: Path) -> Path:
 
 def _settings(args) -> dict:
     return {"numbers": NUMBERS, "num_train": NUM_TRAIN, "num_test": NUM_TEST, "data_seed": DATA_SEED,
-            "vocab": VOCAB_SIZE, "policy": POLICY, "sft": [args.sft_steps, SFT_BATCH, SFT_LR], "seed": args.seed}
+            "vocab": VOCAB_SIZE, "policy": POLICY, "tagged": TAGGED_FRACTION, "sft": [args.sft_steps, SFT_BATCH, SFT_LR], "seed": args.seed}
 
 
 def set_up(out: Path, args) -> Path:
