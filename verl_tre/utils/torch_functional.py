@@ -374,11 +374,12 @@ def _entropy(total: torch.Tensor, dot: torch.Tensor):
 
 def _chunk_forward(
     z: torch.Tensor, region: TrustRegion, stats_top_k: int, with_stats: bool, ws: _Workspace,
-    reference: _Reference = _NO_REFERENCE,
+    reference: _Reference = _NO_REFERENCE, with_lse: bool = False,
 ):
     """One chunk of rows [c, V] (fp32 or fp64) -> the per-row outputs in EntropyTerms' order ([c], the tail masses
     [c, len(reference.top_ks)]) and four per-row tensors [c] that backward needs: (tau, share of the tied tokens,
-    region mean of z - max, d value / d region weight sum).
+    region mean of z - max, d value / d region weight sum); ``with_lse`` appends the rows' logsumexp [c] (NaN for
+    a non-finite row), which the fused lm head takes for its log-probs instead of a second pass over the chunk.
 
     The region boundary is kept as tau: TRE-K compares logits with it, TRE-P compares probabilities (they can tie
     where logits do not), full entropy takes every token.
@@ -429,7 +430,12 @@ def _chunk_forward(
     # recomputes the same test to give it a NaN gradient. [c, 1] work, no host sync.
     bad = _non_finite_rows(row_max)
     rows = tuple(_nan_where(bad, t) for t in rows)
-    return (*(t.squeeze(-1) for t in rows[:6]), rows[6], rows[7].squeeze(-1)), tuple(t.squeeze(-1) for t in saved)
+    rows = (*(t.squeeze(-1) for t in rows[:6]), rows[6], rows[7].squeeze(-1))
+    saved = tuple(t.squeeze(-1) for t in saved)
+    if not with_lse:
+        return rows, saved
+    # logsumexp = max + log(sum exp(z - max)): the operations and order of a plain logsumexp over the chunk.
+    return rows, saved, _nan_where(bad, row_max + sum_exp.log()).squeeze(-1)
 
 
 def _chunk_stats(e, sum_exp, stats_top_k: int, reference: _Reference, nucleus_size, ws: _Workspace):
@@ -479,10 +485,19 @@ def _top_k_backward(z: torch.Tensor, region: TrustRegion, g: torch.Tensor, out: 
     out.scatter_(-1, index, torch.where(picked_at, share, grad_top).to(out.dtype))
 
 
-def _chunk_backward(z, region: TrustRegion, saved, g: torch.Tensor, out: torch.Tensor, ws: _Workspace) -> None:
-    """Writes d value / d z for one chunk [c, V], times the incoming per-row gradient g [c, 1], into ``out``."""
+def _chunk_backward(
+    z, region: TrustRegion, saved, g: torch.Tensor, out: torch.Tensor, ws: _Workspace, softmax=None
+) -> bool:
+    """Writes d value / d z for one chunk [c, V], times the incoming per-row gradient g [c, 1], into ``out``.
+
+    ``softmax`` = (coef [c, 1], lse [c, 1]) asks to add coef * softmax(z) as well (the fused lm head's log-prob
+    gradient, with lse the rows' logsumexp); where the mode computes exp(z - max) anyway (full entropy, TRE-P) that
+    term comes from it in the same pass instead of a second exponential over the chunk. Returns whether it was
+    added; the caller adds it otherwise.
+    """
     if region.mode == "top_k" and region.top_k > 1:
-        return _top_k_backward(z, region, g, out, ws)
+        _top_k_backward(z, region, g, out, ws)
+        return False
     row_max, shifted, e = _shifted_exp(z, ws)
     g = _nan_where(_non_finite_rows(row_max), g)
     if _is_min_entropy(region):
@@ -491,14 +506,19 @@ def _chunk_backward(z, region: TrustRegion, saved, g: torch.Tensor, out: torch.T
         at_share = torch.mul(at_max.view(torch.uint8), 1.0 / _count(at_max, z.dtype), out=ws("weights", z))
         prob = e.div_(e.sum(dim=-1, keepdim=True)).sub_(at_share)
         torch.mul(prob, g, out=out)
-        return None
+        return False
     tau, share, mean, d_total = saved
     # dH_T/dz_a = -pi_T(a) (z_a - E_{pi_T}[z]) inside T, 0 outside; built in place in ``shifted``.
     grad = shifted.sub_(mean).mul_(e)
     if region.mode == "top_p":
         grad.mul_(_region_weights(e, tau, share, ws))
     torch.mul(grad, -(g * d_total), out=out)
-    return None
+    if softmax is None:
+        return False
+    # softmax(z) = e * exp(max - lse); e is still exp(z - max) here.
+    coef, lse = softmax
+    out.addcmul_(e, coef * (row_max - lse).exp())
+    return True
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -779,13 +799,6 @@ def _sub_chunks(rows: slice, z: torch.Tensor, sub: int):
         yield slice(rows.start + start, rows.start + stop), slice(start, stop), z[start:stop]
 
 
-def _log_sum_exp(z: torch.Tensor, ws: _Workspace) -> torch.Tensor:
-    """[c] logsumexp of each row of z, through a workspace buffer (a row needs one finite entry)."""
-    row_max = z.amax(dim=-1, keepdim=True)
-    shifted = torch.sub(z, row_max, out=ws("lse", z))
-    return (row_max + shifted.exp_().sum(dim=-1, keepdim=True).log()).squeeze(-1)
-
-
 def _accumulate_weight_grad(acc: torch.Tensor, grad_z: torch.Tensor, grad_z_low, h: torch.Tensor) -> None:
     """acc [V, H] += grad_z.T @ h for one chunk; acc is fp32 for low-precision inputs, so that the sum over chunks
     is rounded once, as the unchunked matmul's is."""
@@ -820,10 +833,12 @@ class _FusedLinearEntropyFn(torch.autograd.Function):
             log_probs, lse, rows_out, saved = [], [], None, None
             for rows, _, z in _LinearChunks(hidden, weight, temperature, chunk):
                 for at, _, zs in _sub_chunks(rows, z, sub):
-                    lse.append(_log_sum_exp(zs, ws))
                     label_logit = zs.gather(-1, labels[at].unsqueeze(-1)).squeeze(-1)
-                    log_probs.append(label_logit - lse[-1])
-                    row, keep = _chunk_forward(zs, region, stats_top_k, with_stats, ws, reference=reference)
+                    row, keep, row_lse = _chunk_forward(
+                        zs, region, stats_top_k, with_stats, ws, reference=reference, with_lse=True
+                    )
+                    lse.append(row_lse)
+                    log_probs.append(label_logit - row_lse)
                     if rows_out is None:
                         rows_out, saved = [[] for _ in row], [[] for _ in keep]
                     for lst, t in zip(rows_out + saved, tuple(row) + tuple(keep)):
@@ -854,17 +869,22 @@ class _FusedLinearEntropyFn(torch.autograd.Function):
                 grad_z = grad_buffer[: z.shape[0]]
                 for at, part, zs in _sub_chunks(rows, z, ctx.sub):
                     out = grad_z[part]
+                    # d log_softmax(z)[label] / dz = onehot(label) - softmax(z)
+                    g = None if grad_log_probs is None else grad_log_probs[at].to(work).unsqueeze(-1)
+                    row_lse = lse[at].unsqueeze(-1)
+                    folded = False
                     if grad_value is not None:
                         per_row = tuple(t[at].unsqueeze(-1) for t in saved)
-                        _chunk_backward(zs, ctx.region, per_row, grad_value[at].to(work).unsqueeze(-1), out, ws)
-                    if grad_log_probs is not None:
-                        # d log_softmax(z)[label] / dz = onehot(label) - softmax(z)
-                        g = grad_log_probs[at].to(work).unsqueeze(-1)
-                        probs = torch.sub(zs, lse[at].unsqueeze(-1), out=ws("lse", zs)).exp_()
-                        if grad_value is None:
-                            torch.mul(probs, -g, out=out)
-                        else:
-                            out.addcmul_(probs, g, value=-1.0)
+                        g_value = grad_value[at].to(work).unsqueeze(-1)
+                        softmax = None if g is None else (-g, row_lse)
+                        folded = _chunk_backward(zs, ctx.region, per_row, g_value, out, ws, softmax=softmax)
+                    if g is not None:
+                        if not folded:
+                            probs = torch.sub(zs, row_lse, out=ws("lse", zs)).exp_()
+                            if grad_value is None:
+                                torch.mul(probs, -g, out=out)
+                            else:
+                                out.addcmul_(probs, g, value=-1.0)
                         out.scatter_add_(-1, labels[at].unsqueeze(-1), g)
                 if ctx.temperature != 1.0:
                     grad_z.div_(ctx.temperature)
