@@ -485,19 +485,26 @@ def _top_k_backward(z: torch.Tensor, region: TrustRegion, g: torch.Tensor, out: 
     out.scatter_(-1, index, torch.where(picked_at, share, grad_top).to(out.dtype))
 
 
+def _folds_softmax(region: TrustRegion) -> bool:
+    """Whether _chunk_backward can add a softmax term to its gradient: the modes whose backward computes exp(z - max)
+    over the whole chunk and keeps it to the end (full entropy, TRE-P)."""
+    return region.mode in ("full", "top_p")
+
+
 def _chunk_backward(
     z, region: TrustRegion, saved, g: torch.Tensor, out: torch.Tensor, ws: _Workspace, softmax=None
-) -> bool:
-    """Writes d value / d z for one chunk [c, V], times the incoming per-row gradient g [c, 1], into ``out``.
+) -> None:
+    """Writes d value / d z for one chunk [c, V], times the incoming per-row gradient g [c, 1], into ``out``, which
+    may be z itself (z is read in full before out is written).
 
-    ``softmax`` = (coef [c, 1], lse [c, 1]) asks to add coef * softmax(z) as well (the fused lm head's log-prob
-    gradient, with lse the rows' logsumexp); where the mode computes exp(z - max) anyway (full entropy, TRE-P) that
-    term comes from it in the same pass instead of a second exponential over the chunk. Returns whether it was
-    added; the caller adds it otherwise.
+    ``softmax`` = (coef [c, 1], lse [c, 1]), only where _folds_softmax(region), adds coef * softmax(z) as well (the
+    fused lm head's log-prob gradient, with lse the rows' logsumexp) from the exp(z - max) the entropy's gradient
+    computes anyway, instead of a second exponential over the chunk.
     """
+    if softmax is not None and not _folds_softmax(region):
+        raise ValueError(f"the {region.mode} backward cannot add a softmax term")
     if region.mode == "top_k" and region.top_k > 1:
-        _top_k_backward(z, region, g, out, ws)
-        return False
+        return _top_k_backward(z, region, g, out, ws)
     row_max, shifted, e = _shifted_exp(z, ws)
     g = _nan_where(_non_finite_rows(row_max), g)
     if _is_min_entropy(region):
@@ -506,19 +513,18 @@ def _chunk_backward(
         at_share = torch.mul(at_max.view(torch.uint8), 1.0 / _count(at_max, z.dtype), out=ws("weights", z))
         prob = e.div_(e.sum(dim=-1, keepdim=True)).sub_(at_share)
         torch.mul(prob, g, out=out)
-        return False
+        return None
     tau, share, mean, d_total = saved
     # dH_T/dz_a = -pi_T(a) (z_a - E_{pi_T}[z]) inside T, 0 outside; built in place in ``shifted``.
     grad = shifted.sub_(mean).mul_(e)
     if region.mode == "top_p":
         grad.mul_(_region_weights(e, tau, share, ws))
     torch.mul(grad, -(g * d_total), out=out)
-    if softmax is None:
-        return False
-    # softmax(z) = e * exp(max - lse); e is still exp(z - max) here.
-    coef, lse = softmax
-    out.addcmul_(e, coef * (row_max - lse).exp())
-    return True
+    if softmax is not None:
+        # softmax(z) = e * exp(max - lse); e is still exp(z - max) here.
+        coef, lse = softmax
+        out.addcmul_(e, coef * (row_max - lse).exp())
+    return None
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -718,11 +724,13 @@ def trust_region_stats(
 # validation), so every entropy mode, statistic and numerical fix there applies here unchanged.
 # ---------------------------------------------------------------------------------------------------------------
 
-# Rows of one lm-head chunk hold [rows, V] logits in the compute dtype and, in backward, their gradient. The matmul
-# needs tens of rows to run near the GEMM's speed (a chunk re-reads the whole [V, H] weight), while the entropy
-# runs over sub-chunks of _chunk_rows() rows inside it. 2**23 elements (32 MiB of fp32 logits, 55 rows at
-# V = 151,936) measured near the unchunked matmul's speed on the 2-core CPU; a GPU takes 2**25.
-_FUSED_CHUNK_ELEMENTS = {"cpu": 2**23}
+# Rows of one lm-head chunk hold [rows, V] logits in the compute dtype, which backward overwrites with their
+# gradient. The matmul needs a hundred rows or so to run near the GEMM's speed (a chunk re-reads the whole [V, H]
+# weight, and the weight's gradient is read and written once per chunk), while the entropy runs over sub-chunks of
+# _chunk_rows() rows inside it. 2**24 elements (64 MiB of fp32 logits, 110 rows at V = 151,936) measured 8 % faster
+# than 2**23 and 2 % slower than 2**25 on one core (H = 256, fp32; N = 440), and keeps the fused path's memory near
+# 0.15x the logits of N = 1,024 rows; a GPU takes 2**25.
+_FUSED_CHUNK_ELEMENTS = {"cpu": 2**24}
 _FUSED_CHUNK_ELEMENTS_ACCELERATOR = 2**25
 
 
@@ -862,33 +870,34 @@ class _FusedLinearEntropyFn(torch.autograd.Function):
         acc = torch.zeros_like(weight, dtype=work) if need_w else None
         with torch.autocast(device_type=hidden.device.type, enabled=False):
             chunks = _LinearChunks(hidden, weight, ctx.temperature, ctx.chunk)
-            grad_buffer = torch.empty_like(chunks.buffer)
-            grad_low_buffer = None if chunks.low is None else torch.empty_like(chunks.low)
             ws = _Workspace(min(ctx.sub, hidden.shape[0]))
             for rows, h, z in chunks:
-                grad_z = grad_buffer[: z.shape[0]]
-                for at, part, zs in _sub_chunks(rows, z, ctx.sub):
-                    out = grad_z[part]
+                # The chunk's gradient overwrites its logits in place, one sub-chunk at a time, once each sub-chunk
+                # has been read (the dense entropy backward copies it into the workspace first).
+                for at, _, zs in _sub_chunks(rows, z, ctx.sub):
                     # d log_softmax(z)[label] / dz = onehot(label) - softmax(z)
                     g = None if grad_log_probs is None else grad_log_probs[at].to(work).unsqueeze(-1)
                     row_lse = lse[at].unsqueeze(-1)
-                    folded = False
-                    if grad_value is not None:
+                    if grad_value is None:
+                        torch.sub(zs, row_lse, out=zs).exp_().mul_(-g)
+                    else:
+                        folds = g is not None and _folds_softmax(ctx.region)
+                        probs = None
+                        if g is not None and not folds:
+                            probs = torch.sub(zs, row_lse, out=ws("lse", zs)).exp_()
                         per_row = tuple(t[at].unsqueeze(-1) for t in saved)
                         g_value = grad_value[at].to(work).unsqueeze(-1)
-                        softmax = None if g is None else (-g, row_lse)
-                        folded = _chunk_backward(zs, ctx.region, per_row, g_value, out, ws, softmax=softmax)
+                        softmax = (-g, row_lse) if folds else None
+                        _chunk_backward(zs, ctx.region, per_row, g_value, zs, ws, softmax=softmax)
+                        if probs is not None:
+                            zs.addcmul_(probs, g, value=-1.0)
                     if g is not None:
-                        if not folded:
-                            probs = torch.sub(zs, row_lse, out=ws("lse", zs)).exp_()
-                            if grad_value is None:
-                                torch.mul(probs, -g, out=out)
-                            else:
-                                out.addcmul_(probs, g, value=-1.0)
-                        out.scatter_add_(-1, labels[at].unsqueeze(-1), g)
+                        zs.scatter_add_(-1, labels[at].unsqueeze(-1), g)
+                grad_z = z
                 if ctx.temperature != 1.0:
                     grad_z.div_(ctx.temperature)
-                grad_low = None if grad_low_buffer is None else grad_low_buffer[: z.shape[0]].copy_(grad_z)
+                # Low precision: the chunk's logits in the input dtype are spent; their buffer takes the gradient.
+                grad_low = None if chunks.low is None else chunks.low[: z.shape[0]].copy_(grad_z)
                 matmul_grad = grad_z if grad_low is None else grad_low
                 if need_h:
                     torch.mm(matmul_grad, weight, out=grad_h[rows])
@@ -920,9 +929,10 @@ def fused_linear_entropy_terms(
     Equal to ``log_softmax(hidden_states @ weight.T / temperature)[labels]`` and to
     ``entropy_terms(hidden_states @ weight.T / temperature, top_k, top_p, ...)``, with gradients w.r.t.
     hidden_states and weight through both the log-probs and ``value``. Rows go through in chunks of
-    ``chunk_size``; backward recomputes each chunk's logits. Memory beyond the inputs and their gradients: two
-    [chunk_size, V] buffers in the compute dtype (plus one in the input dtype for bf16/fp16), the entropy
-    workspace of entropy_terms, and for bf16/fp16 weights an fp32 [V, H] accumulator of the weight's gradient.
+    ``chunk_size``; backward recomputes each chunk's logits. Memory beyond the inputs and their gradients: one
+    [chunk_size, V] buffer in the compute dtype (plus one in the input dtype for bf16/fp16), reused by backward
+    for the chunk's gradient, the entropy workspace of entropy_terms, and for bf16/fp16 weights an fp32 [V, H]
+    accumulator of the weight's gradient.
 
     Args:
         hidden_states: [N, H] final hidden states (fp16, bf16, fp32 or fp64), used in their own dtype (under
@@ -932,7 +942,7 @@ def fused_linear_entropy_terms(
         temperature: logits are divided by it (> 0) before everything else.
         top_k, top_p, max_region_size, scale, stats_top_k, with_stats, reference_top_k, reference_top_p: as
             entropy_terms.
-        chunk_size: rows per lm-head chunk (default: about 8M logits per chunk on CPU, 32M on a GPU).
+        chunk_size: rows per lm-head chunk (default: about 16M logits per chunk on CPU, 32M on a GPU).
 
     Returns:
         (log_probs [N], EntropyTerms of [N] tensors, tail_mass [N, len(reference_top_k)]), fp32 (fp64 for fp64
