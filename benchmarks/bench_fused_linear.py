@@ -1,7 +1,8 @@
 """Forward + backward time and peak memory of the lm head's log-probs and entropy terms (not a test).
 
     python benchmarks/bench_fused_linear.py                          # CPU, fp32, H = 1536, N = 1024 and 2048
-    python benchmarks/bench_fused_linear.py --n 1024,2048,4096,8192  # needs ~16 GiB free for the unfused N = 8192
+    python benchmarks/bench_fused_linear.py --n 1024,2048,4096       # the unfused N = 4,096 takes ~12 GiB above the inputs
+    python benchmarks/bench_fused_linear.py --threads 1 --hidden 256 # on a CPU shared with other jobs
     python benchmarks/bench_fused_linear.py --device cuda --dtype bf16 --n 16384
 
 Cases, each on hidden states [N, H] and the lm_head weight [V, H] (V = 151,936), backward of
@@ -185,6 +186,9 @@ def main() -> None:
     print(f"# {where}; torch {torch.__version__}; V = {args.vocab:,}, H = {args.hidden}; {args.dtype}; "
           f"{args.method}; forward + backward; best of {args.repeat} x {args.rounds} round(s) after one warm-up step")
     print(f"# {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; load average {_load()}")
+    if args.device == "cpu" and threads > 1 and os.getloadavg()[0] + threads > (os.cpu_count() or 1) + 0.5:
+        print(f"# warning: other load and {threads} threads exceed the {os.cpu_count()} cores; times will be erratic "
+              "(see --threads 1)")
     print(f"{'case':<8} {'N':>6} {'ms':>10} {'live MiB':>9} {'x logits':>9} {'RSS MiB':>9} {'x logits':>9}"
           "  (memory above inputs+grads)")
     results = {}
