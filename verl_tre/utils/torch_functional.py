@@ -728,8 +728,8 @@ def trust_region_stats(
 # gradient. The matmul needs a hundred rows or so to run near the GEMM's speed (a chunk re-reads the whole [V, H]
 # weight, and the weight's gradient is read and written once per chunk), while the entropy runs over sub-chunks of
 # _chunk_rows() rows inside it. 2**24 elements (64 MiB of fp32 logits, 110 rows at V = 151,936) measured 8 % faster
-# than 2**23 and 2 % slower than 2**25 on one core (H = 256, fp32; N = 440), and keeps the fused path's memory near
-# 0.15x the logits of N = 1,024 rows; a GPU takes 2**25.
+# than 2**23 and 5 % slower than 2**25 on one core (H = 256, fp32, TRE-P; N = 440), and keeps the fused path's live
+# memory at 0.13x the logits of N = 1,024 rows (2**25: about 0.24x, at the edge of the goal); a GPU takes 2**25.
 _FUSED_CHUNK_ELEMENTS = {"cpu": 2**24}
 _FUSED_CHUNK_ELEMENTS_ACCELERATOR = 2**25
 
