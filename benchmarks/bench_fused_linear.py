@@ -204,12 +204,12 @@ def main() -> None:
                     print(f"{case:<8} {n:>6} failed: {tail}", flush=True)
                     continue
                 r = json.loads(done.stdout.strip().splitlines()[-1])
-                if (case, n) in results:
-                    r["ms"] = min(r["ms"], results[(case, n)]["ms"])
-                results[(case, n)] = r
                 rss = "" if r["rss_mib"] is None else f"{r['rss_mib']:>9.0f} {r['rss_mib'] / r['logits_mib']:>9.3f}"
                 live = f"{r['live_mib']:>9.0f} {r['live_mib'] / r['logits_mib']:>9.3f}"
                 print(f"{case:<8} {n:>6} {r['ms']:>10.0f} {live} {rss}", flush=True)
+                if (case, n) in results:  # the goals take the fastest round
+                    r["ms"] = min(r["ms"], results[(case, n)]["ms"])
+                results[(case, n)] = r
     print(f"# load average at the end {_load()}")
     for line in _goals(results, args.device):
         print(line)
