@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+import verl_tre.utils.torch_functional as tf
 from verl_tre.utils.torch_functional import EntropyTerms, entropy_terms, fused_linear_entropy_terms
 
 METHODS = [
@@ -253,6 +254,50 @@ def test_no_logits_sized_tensor_and_no_host_sync(kw, dtype):
     # Chunks are [8, V]; the weight and its fp32 gradient accumulator are [V, H]; logits would be [96, V].
     assert rec.largest <= max(chunk * v, v * h), rec.largest
     assert rec.largest * 4 < n * v
+
+
+def _live_peak_bytes(fn) -> int:
+    """Peak of live CPU tensor bytes while fn() runs, above those live before it (torch.profiler's allocation and
+    free events, in time order)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
+                    key=lambda e: e.start_ns())
+    live = peak = 0
+    for e in events:
+        live += e.nbytes()
+        peak = max(peak, live)
+    return peak
+
+
+@pytest.mark.parametrize("kw", [pytest.param({}, id="full"), pytest.param({"top_p": 0.99}, id="p0.99")])
+def test_live_memory_is_one_chunk_and_flat_in_n(kw):
+    """Forward + backward hold one [chunk, V] buffer (backward writes the gradient over the recomputed logits) plus
+    the entropy's sub-chunk workspace, whatever N: measured as live tensor bytes above the inputs and gradients."""
+    v, h = 40_000, 8  # V above the radix threshold, so TRE-P takes the production path
+    sub = tf._chunk_rows(v, torch.device("cpu"), None)
+    chunk = 8 * sub
+
+    def peak(n):
+        hidden, weight, labels, grads = random_inputs(n, h, v, torch.float32, seed=12)
+        hidden.requires_grad_()
+        weight.requires_grad_()
+        grads_bytes = (hidden.numel() + weight.numel()) * 4
+
+        def step():
+            lp, terms = fused_linear_entropy_terms(hidden, weight, labels, chunk_size=chunk, **kw)
+            _backward(lp, terms.value, grads)
+
+        return _live_peak_bytes(step) - grads_bytes
+
+    small, large = peak(2 * chunk), peak(8 * chunk)
+    assert large <= small * 1.02, (small, large)
+    if not kw:
+        # Full entropy: the chunk (4 bytes per logit) and a 16-byte-per-logit sub-chunk workspace at most. A second
+        # [chunk, V] buffer for the gradient would add 4 * chunk * V = twice the workspace.
+        assert large <= 4 * chunk * v + 16 * sub * v + 2**20, (large, chunk, sub)
 
 
 @pytest.mark.parametrize(

@@ -374,11 +374,12 @@ def _entropy(total: torch.Tensor, dot: torch.Tensor):
 
 def _chunk_forward(
     z: torch.Tensor, region: TrustRegion, stats_top_k: int, with_stats: bool, ws: _Workspace,
-    reference: _Reference = _NO_REFERENCE,
+    reference: _Reference = _NO_REFERENCE, with_lse: bool = False,
 ):
     """One chunk of rows [c, V] (fp32 or fp64) -> the per-row outputs in EntropyTerms' order ([c], the tail masses
     [c, len(reference.top_ks)]) and four per-row tensors [c] that backward needs: (tau, share of the tied tokens,
-    region mean of z - max, d value / d region weight sum).
+    region mean of z - max, d value / d region weight sum); ``with_lse`` appends the rows' logsumexp [c] (NaN for
+    a non-finite row), which the fused lm head takes for its log-probs instead of a second pass over the chunk.
 
     The region boundary is kept as tau: TRE-K compares logits with it, TRE-P compares probabilities (they can tie
     where logits do not), full entropy takes every token.
@@ -429,7 +430,12 @@ def _chunk_forward(
     # recomputes the same test to give it a NaN gradient. [c, 1] work, no host sync.
     bad = _non_finite_rows(row_max)
     rows = tuple(_nan_where(bad, t) for t in rows)
-    return (*(t.squeeze(-1) for t in rows[:6]), rows[6], rows[7].squeeze(-1)), tuple(t.squeeze(-1) for t in saved)
+    rows = (*(t.squeeze(-1) for t in rows[:6]), rows[6], rows[7].squeeze(-1))
+    saved = tuple(t.squeeze(-1) for t in saved)
+    if not with_lse:
+        return rows, saved
+    # logsumexp = max + log(sum exp(z - max)): the operations and order of a plain logsumexp over the chunk.
+    return rows, saved, _nan_where(bad, row_max + sum_exp.log()).squeeze(-1)
 
 
 def _chunk_stats(e, sum_exp, stats_top_k: int, reference: _Reference, nucleus_size, ws: _Workspace):
@@ -479,8 +485,24 @@ def _top_k_backward(z: torch.Tensor, region: TrustRegion, g: torch.Tensor, out: 
     out.scatter_(-1, index, torch.where(picked_at, share, grad_top).to(out.dtype))
 
 
-def _chunk_backward(z, region: TrustRegion, saved, g: torch.Tensor, out: torch.Tensor, ws: _Workspace) -> None:
-    """Writes d value / d z for one chunk [c, V], times the incoming per-row gradient g [c, 1], into ``out``."""
+def _folds_softmax(region: TrustRegion) -> bool:
+    """Whether _chunk_backward can add a softmax term to its gradient: the modes whose backward computes exp(z - max)
+    over the whole chunk and keeps it to the end (full entropy, TRE-P)."""
+    return region.mode in ("full", "top_p")
+
+
+def _chunk_backward(
+    z, region: TrustRegion, saved, g: torch.Tensor, out: torch.Tensor, ws: _Workspace, softmax=None
+) -> None:
+    """Writes d value / d z for one chunk [c, V], times the incoming per-row gradient g [c, 1], into ``out``, which
+    may be z itself (z is read in full before out is written).
+
+    ``softmax`` = (coef [c, 1], lse [c, 1]), only where _folds_softmax(region), adds coef * softmax(z) as well (the
+    fused lm head's log-prob gradient, with lse the rows' logsumexp) from the exp(z - max) the entropy's gradient
+    computes anyway, instead of a second exponential over the chunk.
+    """
+    if softmax is not None and not _folds_softmax(region):
+        raise ValueError(f"the {region.mode} backward cannot add a softmax term")
     if region.mode == "top_k" and region.top_k > 1:
         return _top_k_backward(z, region, g, out, ws)
     row_max, shifted, e = _shifted_exp(z, ws)
@@ -498,6 +520,10 @@ def _chunk_backward(z, region: TrustRegion, saved, g: torch.Tensor, out: torch.T
     if region.mode == "top_p":
         grad.mul_(_region_weights(e, tau, share, ws))
     torch.mul(grad, -(g * d_total), out=out)
+    if softmax is not None:
+        # softmax(z) = e * exp(max - lse); e is still exp(z - max) here.
+        coef, lse = softmax
+        out.addcmul_(e, coef * (row_max - lse).exp())
     return None
 
 
@@ -698,11 +724,13 @@ def trust_region_stats(
 # validation), so every entropy mode, statistic and numerical fix there applies here unchanged.
 # ---------------------------------------------------------------------------------------------------------------
 
-# Rows of one lm-head chunk hold [rows, V] logits in the compute dtype and, in backward, their gradient. The matmul
-# needs tens of rows to run near the GEMM's speed (a chunk re-reads the whole [V, H] weight), while the entropy
-# runs over sub-chunks of _chunk_rows() rows inside it. 2**23 elements (32 MiB of fp32 logits, 55 rows at
-# V = 151,936) measured near the unchunked matmul's speed on the 2-core CPU; a GPU takes 2**25.
-_FUSED_CHUNK_ELEMENTS = {"cpu": 2**23}
+# Rows of one lm-head chunk hold [rows, V] logits in the compute dtype, which backward overwrites with their
+# gradient. The matmul needs a hundred rows or so to run near the GEMM's speed (a chunk re-reads the whole [V, H]
+# weight, and the weight's gradient is read and written once per chunk), while the entropy runs over sub-chunks of
+# _chunk_rows() rows inside it. 2**24 elements (64 MiB of fp32 logits, 110 rows at V = 151,936) measured 8 % faster
+# than 2**23 and 5 % slower than 2**25 on one core (H = 256, fp32, TRE-P; N = 440), and keeps the fused path's live
+# memory at 0.13x the logits of N = 1,024 rows (2**25: about 0.24x, at the edge of the goal); a GPU takes 2**25.
+_FUSED_CHUNK_ELEMENTS = {"cpu": 2**24}
 _FUSED_CHUNK_ELEMENTS_ACCELERATOR = 2**25
 
 
@@ -779,13 +807,6 @@ def _sub_chunks(rows: slice, z: torch.Tensor, sub: int):
         yield slice(rows.start + start, rows.start + stop), slice(start, stop), z[start:stop]
 
 
-def _log_sum_exp(z: torch.Tensor, ws: _Workspace) -> torch.Tensor:
-    """[c] logsumexp of each row of z, through a workspace buffer (a row needs one finite entry)."""
-    row_max = z.amax(dim=-1, keepdim=True)
-    shifted = torch.sub(z, row_max, out=ws("lse", z))
-    return (row_max + shifted.exp_().sum(dim=-1, keepdim=True).log()).squeeze(-1)
-
-
 def _accumulate_weight_grad(acc: torch.Tensor, grad_z: torch.Tensor, grad_z_low, h: torch.Tensor) -> None:
     """acc [V, H] += grad_z.T @ h for one chunk; acc is fp32 for low-precision inputs, so that the sum over chunks
     is rounded once, as the unchunked matmul's is."""
@@ -820,10 +841,12 @@ class _FusedLinearEntropyFn(torch.autograd.Function):
             log_probs, lse, rows_out, saved = [], [], None, None
             for rows, _, z in _LinearChunks(hidden, weight, temperature, chunk):
                 for at, _, zs in _sub_chunks(rows, z, sub):
-                    lse.append(_log_sum_exp(zs, ws))
                     label_logit = zs.gather(-1, labels[at].unsqueeze(-1)).squeeze(-1)
-                    log_probs.append(label_logit - lse[-1])
-                    row, keep = _chunk_forward(zs, region, stats_top_k, with_stats, ws, reference=reference)
+                    row, keep, row_lse = _chunk_forward(
+                        zs, region, stats_top_k, with_stats, ws, reference=reference, with_lse=True
+                    )
+                    lse.append(row_lse)
+                    log_probs.append(label_logit - row_lse)
                     if rows_out is None:
                         rows_out, saved = [[] for _ in row], [[] for _ in keep]
                     for lst, t in zip(rows_out + saved, tuple(row) + tuple(keep)):
@@ -847,28 +870,34 @@ class _FusedLinearEntropyFn(torch.autograd.Function):
         acc = torch.zeros_like(weight, dtype=work) if need_w else None
         with torch.autocast(device_type=hidden.device.type, enabled=False):
             chunks = _LinearChunks(hidden, weight, ctx.temperature, ctx.chunk)
-            grad_buffer = torch.empty_like(chunks.buffer)
-            grad_low_buffer = None if chunks.low is None else torch.empty_like(chunks.low)
             ws = _Workspace(min(ctx.sub, hidden.shape[0]))
             for rows, h, z in chunks:
-                grad_z = grad_buffer[: z.shape[0]]
-                for at, part, zs in _sub_chunks(rows, z, ctx.sub):
-                    out = grad_z[part]
-                    if grad_value is not None:
+                # The chunk's gradient overwrites its logits in place, one sub-chunk at a time, once each sub-chunk
+                # has been read (the dense entropy backward copies it into the workspace first).
+                for at, _, zs in _sub_chunks(rows, z, ctx.sub):
+                    # d log_softmax(z)[label] / dz = onehot(label) - softmax(z)
+                    g = None if grad_log_probs is None else grad_log_probs[at].to(work).unsqueeze(-1)
+                    row_lse = lse[at].unsqueeze(-1)
+                    if grad_value is None:
+                        torch.sub(zs, row_lse, out=zs).exp_().mul_(-g)
+                    else:
+                        folds = g is not None and _folds_softmax(ctx.region)
+                        probs = None
+                        if g is not None and not folds:
+                            probs = torch.sub(zs, row_lse, out=ws("lse", zs)).exp_()
                         per_row = tuple(t[at].unsqueeze(-1) for t in saved)
-                        _chunk_backward(zs, ctx.region, per_row, grad_value[at].to(work).unsqueeze(-1), out, ws)
-                    if grad_log_probs is not None:
-                        # d log_softmax(z)[label] / dz = onehot(label) - softmax(z)
-                        g = grad_log_probs[at].to(work).unsqueeze(-1)
-                        probs = torch.sub(zs, lse[at].unsqueeze(-1), out=ws("lse", zs)).exp_()
-                        if grad_value is None:
-                            torch.mul(probs, -g, out=out)
-                        else:
-                            out.addcmul_(probs, g, value=-1.0)
-                        out.scatter_add_(-1, labels[at].unsqueeze(-1), g)
+                        g_value = grad_value[at].to(work).unsqueeze(-1)
+                        softmax = (-g, row_lse) if folds else None
+                        _chunk_backward(zs, ctx.region, per_row, g_value, zs, ws, softmax=softmax)
+                        if probs is not None:
+                            zs.addcmul_(probs, g, value=-1.0)
+                    if g is not None:
+                        zs.scatter_add_(-1, labels[at].unsqueeze(-1), g)
+                grad_z = z
                 if ctx.temperature != 1.0:
                     grad_z.div_(ctx.temperature)
-                grad_low = None if grad_low_buffer is None else grad_low_buffer[: z.shape[0]].copy_(grad_z)
+                # Low precision: the chunk's logits in the input dtype are spent; their buffer takes the gradient.
+                grad_low = None if chunks.low is None else chunks.low[: z.shape[0]].copy_(grad_z)
                 matmul_grad = grad_z if grad_low is None else grad_low
                 if need_h:
                     torch.mm(matmul_grad, weight, out=grad_h[rows])
@@ -900,9 +929,10 @@ def fused_linear_entropy_terms(
     Equal to ``log_softmax(hidden_states @ weight.T / temperature)[labels]`` and to
     ``entropy_terms(hidden_states @ weight.T / temperature, top_k, top_p, ...)``, with gradients w.r.t.
     hidden_states and weight through both the log-probs and ``value``. Rows go through in chunks of
-    ``chunk_size``; backward recomputes each chunk's logits. Memory beyond the inputs and their gradients: two
-    [chunk_size, V] buffers in the compute dtype (plus one in the input dtype for bf16/fp16), the entropy
-    workspace of entropy_terms, and for bf16/fp16 weights an fp32 [V, H] accumulator of the weight's gradient.
+    ``chunk_size``; backward recomputes each chunk's logits. Memory beyond the inputs and their gradients: one
+    [chunk_size, V] buffer in the compute dtype (plus one in the input dtype for bf16/fp16), reused by backward
+    for the chunk's gradient, the entropy workspace of entropy_terms, and for bf16/fp16 weights an fp32 [V, H]
+    accumulator of the weight's gradient.
 
     Args:
         hidden_states: [N, H] final hidden states (fp16, bf16, fp32 or fp64), used in their own dtype (under
@@ -912,7 +942,7 @@ def fused_linear_entropy_terms(
         temperature: logits are divided by it (> 0) before everything else.
         top_k, top_p, max_region_size, scale, stats_top_k, with_stats, reference_top_k, reference_top_p: as
             entropy_terms.
-        chunk_size: rows per lm-head chunk (default: about 8M logits per chunk on CPU, 32M on a GPU).
+        chunk_size: rows per lm-head chunk (default: about 16M logits per chunk on CPU, 32M on a GPU).
 
     Returns:
         (log_probs [N], EntropyTerms of [N] tensors, tail_mass [N, len(reference_top_k)]), fp32 (fp64 for fp64
