@@ -5,11 +5,12 @@ resumes and a changed one is refused before Ray starts. Slow: one shared Ray sta
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
 
-from trainer_fixtures import cpu_overrides, ray_session, tiny_assets  # noqa: F401  (fixtures)
+from trainer_fixtures import REGION_METRICS, cpu_overrides, ray_session, tiny_assets  # noqa: F401  (fixtures)
 from verl_tre import tables
 from verl_tre.runs import read_runs
 from verl_tre.trainer import config_check, main_ppo, run_identity
@@ -43,13 +44,20 @@ def _steps(run_dir) -> dict[int, dict]:
 def test_runs_keep_their_identity(ray_session, tiny_assets, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # run directories are relative to the launch directory, as in verl
     ppo = _train(_base(tiny_assets, "method=ppo"))
-    entropy = _train(_base(tiny_assets, "method=ppo", "actor_rollout_ref.actor.entropy_coeff=0.01"))
-    seed2 = _train(_base(tiny_assets, "method=ppo", "verl_tre.seed=2"))
+    # Only PPO's run is resumed below: the others save no checkpoint (not part of the run's identity).
+    entropy = _train(_base(tiny_assets, "method=ppo", "actor_rollout_ref.actor.entropy_coeff=0.01",
+                           "trainer.save_freq=-1"))
+    seed2 = _train(_base(tiny_assets, "method=ppo", "verl_tre.seed=2", "trainer.save_freq=-1"))
     # The same training configuration (project name and length are not part of it), in another project folder.
     twin = _train(_base(tiny_assets, "method=ppo", "trainer.project_name=twin", "trainer.total_training_steps=1"))
     assert len({ppo, entropy, seed2, twin}) == 4
     assert all(d.parent.parent == tmp_path / "checkpoints" for d in (ppo, entropy, seed2, twin))
 
+    for run in (ppo, entropy):  # every method logs the same statistics (the other methods: test_e2e_trainer.py)
+        for number, metrics in _steps(run).items():
+            names = REGION_METRICS + ("actor/pg_loss",)
+            bad = {n: metrics.get(n) for n in names if not math.isfinite(metrics.get(n, math.nan))}
+            assert not bad, (run.name, number, bad)
     summaries = {d: json.loads((d / "run.json").read_text()) for d in (ppo, entropy, seed2, twin)}
     assert summaries[ppo]["method"] == summaries[seed2]["method"] == "ppo"
     assert summaries[entropy]["method"] == "entropy"

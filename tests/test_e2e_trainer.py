@@ -1,8 +1,9 @@
 """verl's RayPPOTrainer end to end on CPU through our entry point, plus the run-record plumbing it relies on.
 
-Slow tests: every method with GRPO, and PPO with GAE and a critic on two worker processes, two steps each,
-checked through the run records (metrics.jsonl, run.json); one GAE run saves a checkpoint and a second run
-resumes from it. All runs share one Ray start-up; the fixture tears Ray down even when a test fails.
+Slow tests: every method with GRPO (PPO and the entropy bonus: tests/test_e2e_runs.py), and TRE-K with GAE and
+a critic on two worker processes, two steps each, checked through the run records (metrics.jsonl, run.json); the
+GAE run saves a checkpoint and a second run resumes from it. All runs share one Ray start-up; the fixture tears
+Ray down even when a test fails.
 """
 
 from __future__ import annotations
@@ -12,16 +13,12 @@ import math
 
 import pytest
 
-from trainer_fixtures import cpu_overrides, ray_session, tiny_assets  # noqa: F401  (fixtures)
+from trainer_fixtures import REGION_METRICS, cpu_overrides, ray_session, tiny_assets  # noqa: F401  (fixtures)
 from verl_tre.utils import run_record
 
-# The reference statistics every method logs, and the regularizer's own value.
-REGION_METRICS = ("actor/ref/entropy_full", "actor/ref/top1_prob", "actor/ref/tail_mass_top2", "actor/ref/tail_mass_top10",
-                  "actor/ref/nucleus_size_p0.99", "actor/regularizer/value")
-# method -> (overrides, metrics beyond the region metrics that must be logged)
+# method -> (overrides, metrics beyond the region metrics that must be logged). PPO and the entropy bonus run in
+# tests/test_e2e_runs.py, which checks the same region metrics.
 METHODS = {
-    "ppo": (["method=ppo"], ()),
-    "entropy": (["method=ppo", "actor_rollout_ref.actor.entropy_coeff=0.01"], ()),
     "forking_tokens": (["method=forking_tokens"], ("actor/forking_threshold", "actor/forking_kept_frac")),
     "kl_cov": (["method=kl_cov"], ("actor/kl_cov_tokens",)),
     "tre_k": (["method=tre_k", "actor_rollout_ref.actor.entropy_coeff=0.01"], ()),

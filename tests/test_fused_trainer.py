@@ -187,9 +187,9 @@ def _records(run_dir):
     return summary, lines
 
 
+# TRE-K on the remove-padding forward, TRE-P on the padded one (update_policy above checks every method on both).
 E2E = {
     "tre_k": ["method=tre_k"],
-    "tre_p": ["method=tre_p"],
     "tre_p-padded": ["method=tre_p", "actor_rollout_ref.model.use_remove_padding=false"],
 }
 

@@ -10,6 +10,9 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+# The reference statistics every method logs, and the regularizer's own value.
+REGION_METRICS = ("actor/ref/entropy_full", "actor/ref/top1_prob", "actor/ref/tail_mass_top2",
+                  "actor/ref/tail_mass_top10", "actor/ref/nucleus_size_p0.99", "actor/regularizer/value")
 # Ray's logical "GPUs" in CPU mode: the largest world size a test uses.
 MAX_WORKERS = 2
 

@@ -177,7 +177,7 @@ def training_overrides(run_dir: Path, data: Path, policy: Path, *, method: str, 
         # Recomputing activations saves memory a 1M-parameter policy does not need, at a third more compute.
         "actor_rollout_ref.model.enable_gradient_checkpointing=false",
         f"actor_rollout_ref.actor.ppo_mini_batch_size={PROMPTS}", "actor_rollout_ref.actor.use_dynamic_bsz=false",
-        "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=64",
+        f"actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu={min(64, PROMPTS * ROLLOUTS)}",
         "actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu=128",
         f"actor_rollout_ref.actor.optim.lr={RL_LR}",
         f"actor_rollout_ref.actor.entropy_coeff={entropy_coeff}",
@@ -367,7 +367,8 @@ def plot(records: dict[str, list[dict]], path: Path) -> Path:
 
 def _settings(args) -> dict:
     return {"numbers": NUMBERS, "num_train": NUM_TRAIN, "num_test": NUM_TEST, "data_seed": DATA_SEED,
-            "vocab": VOCAB_SIZE, "policy": POLICY, "tagged": TAGGED_FRACTION, "sft": [args.sft_steps, SFT_BATCH, SFT_LR], "seed": args.seed}
+            "vocab": VOCAB_SIZE, "policy": POLICY, "tagged": TAGGED_FRACTION,
+            "sft": [args.sft_steps, SFT_BATCH, SFT_LR], "seed": args.seed}
 
 
 def set_up(out: Path, args) -> Path:
