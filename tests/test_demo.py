@@ -130,7 +130,7 @@ def test_demo_end_to_end_on_tiny_settings(tmp_path, monkeypatch, capfd):
     monkeypatch.setattr(demo, "POLICY", dict(hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1,
                                              intermediate_size=64))
     monkeypatch.setattr(demo, "VOCAB_SIZE", 512)  # fewer merges: prompts over 48 tokens
-    monkeypatch.setattr(demo, "TEST_FREQ", 2)  # held-out reward before training and after the last step
+    monkeypatch.setattr(demo, "TEST_FREQ", 2)  # held-out reward before training and after the last step only
     monkeypatch.setattr(demo, "PROMPTS", 4)
     monkeypatch.setattr(demo, "ROLLOUTS", 4)
     out = tmp_path / "demo"

@@ -16,16 +16,14 @@ import pytest
 from trainer_fixtures import REGION_METRICS, cpu_overrides, ray_session, tiny_assets  # noqa: F401  (fixtures)
 from verl_tre.utils import run_record
 
-# method -> (overrides, metrics beyond the region metrics that must be logged). PPO and the entropy bonus run in
-# tests/test_e2e_runs.py, which checks the same region metrics.
+# method -> (overrides, metrics beyond the region metrics that must be logged). Elsewhere through the trainer:
+# PPO and the entropy bonus in test_e2e_runs.py (same region metrics), TRE-K in the GAE run below, TRE-K and TRE-P
+# (padded forward) with the fused lm head in test_fused_trainer.py, which also checks update_policy of every method
+# on both forwards. These run verl's remove-padding forward (the default, as on GPUs).
 METHODS = {
     "forking_tokens": (["method=forking_tokens"], ("actor/forking_threshold", "actor/forking_kept_frac")),
     "kl_cov": (["method=kl_cov"], ("actor/kl_cov_tokens",)),
-    "tre_k": (["method=tre_k", "actor_rollout_ref.actor.entropy_coeff=0.01"], ()),
     "tre_p": (["method=tre_p", "actor_rollout_ref.actor.entropy_coeff=0.01"], ()),
-    # The others run verl's remove-padding forward (the default, as on GPUs); this one the padded forward.
-    "tre_p-padded": (["method=tre_p", "actor_rollout_ref.actor.entropy_coeff=0.01",
-                      "actor_rollout_ref.model.use_remove_padding=false"], ()),
 }
 
 
@@ -58,14 +56,12 @@ def test_grpo_every_method(method, ray_session, tiny_assets, tmp_path):
     summary, steps = _records(run_dir)
     assert summary["method"] == method.split("-")[0] and summary["task"] == "countdown"
     assert summary["config"]["actor_rollout_ref"]["rollout"]["name"] == "hf"  # CPU mode applied
-    assert summary["config"]["actor_rollout_ref"]["model"]["use_remove_padding"] == (not method.endswith("padded"))
+    assert summary["config"]["actor_rollout_ref"]["model"]["use_remove_padding"] is True
     assert [s["step"] for s in steps] == [1, 2]
     for step in steps:
         _assert_finite(step, REGION_METRICS + extra + ("actor/pg_loss", "critic/score/mean"))
-    if method.startswith(("tre_k", "tre_p")):
-        # TRE-K with K = 2 keeps exactly two tokens; TRE-P's nucleus is at least the top token.
-        size = steps[0]["metrics"]["actor/regularizer/region_size"]
-        assert size == 2 if method.startswith("tre_k") else size >= 1
+    if method == "tre_p":
+        assert steps[0]["metrics"]["actor/regularizer/region_size"] >= 1  # the nucleus holds at least the top token
 
 
 @pytest.mark.slow
@@ -80,11 +76,13 @@ def test_gae_critic_two_workers_checkpoint_and_resume(ray_session, tiny_assets, 
     assert [s["step"] for s in steps] == [1, 2]
     for step in steps:
         _assert_finite(step, REGION_METRICS + ("critic/vf_loss", "critic/values/mean", "actor/pg_loss"))
+        assert step["metrics"]["actor/regularizer/region_size"] == 2  # TRE-K with K = 2 keeps exactly two tokens
     assert any(k.startswith("val-core/countdown/") for k in steps[-1]["metrics"]), "validation not recorded"
     checkpoint = run_dir / "global_step_2"
     assert (checkpoint / "actor").is_dir() and (checkpoint / "critic").is_dir()
     assert (run_dir / "latest_checkpointed_iteration.txt").read_text().strip() == "2"
 
+    # The same configuration, longer (the run length is not part of its identity), resumes into its directory.
     _train(base + ["trainer.total_training_steps=3", "trainer.resume_mode=auto"])
     _, steps = _records(run_dir)
     # The second run starts from the saved step 2 and trains only step 3.

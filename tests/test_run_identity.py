@@ -55,7 +55,8 @@ def test_every_training_difference_gets_its_own_name():
     assert names["seed"].startswith("countdown_1.5b_ppo_s2_")
     # Keys that only change the run's length, cadence, logging or memory layout keep the name.
     same = _prepared(["method=ppo", "trainer.total_epochs=99", "trainer.save_freq=7", "trainer.logger=[console]",
-                      "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=4"])
+                      "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=4", "trainer.project_name=other",
+                      "trainer.total_training_steps=1"])
     assert same.trainer.experiment_name == names["ppo"]
 
 
