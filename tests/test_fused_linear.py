@@ -4,18 +4,14 @@ gradients of the hidden states and the weight."""
 
 import pytest
 import torch
+from test_torch_functional import METHODS as ENTROPY_METHODS
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import verl_tre.utils.torch_functional as tf
 from verl_tre.utils.torch_functional import EntropyTerms, entropy_terms, fused_linear_entropy_terms
 
-METHODS = [
-    pytest.param({}, id="full"),
-    pytest.param({"top_k": 1}, id="k1"),
-    pytest.param({"top_k": 2}, id="k2"),
-    pytest.param({"top_k": 7}, id="k7"),
-    pytest.param({"top_p": 0.5}, id="p0.5"),
-    pytest.param({"top_p": 0.99}, id="p0.99"),
+# entropy_terms' modes, plus a capped nucleus and an unscaled TRE-K.
+METHODS = ENTROPY_METHODS + [
     pytest.param({"top_p": 0.9, "max_region_size": 3}, id="p0.9cap3"),
     pytest.param({"top_k": 3, "scale": False}, id="k3unscaled"),
 ]

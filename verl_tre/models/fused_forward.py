@@ -32,7 +32,8 @@ _MARK = "_verl_tre_fused_forward"
 class FusedHead:
     """What the fused forward computes after the decoder.
 
-    region / with_stats: as entropy_terms; reference: the reference regions of the logged statistics. value_needs_grad: False detaches the value column.
+    region / with_stats: as entropy_terms; reference: the reference regions of the logged statistics.
+    value_needs_grad: False detaches the value column.
     columns: EntropyTerms of [M] tensors -> [M, F] columns (the actor's layout).
     labels: next-token ids shaped like the model's input_ids; None rolls input_ids by one (verl's labels; with
         Ulysses the actor passes its rank's slice of the globally rolled ids instead).

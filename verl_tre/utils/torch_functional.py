@@ -635,6 +635,13 @@ def entropy_terms(
     )
 
 
+def _validate_options(region: TrustRegion, vocab: int, stats_top_k) -> None:
+    """The checks of entropy_terms and fused_linear_entropy_terms that need the vocabulary size."""
+    region.validate(vocab)
+    if isinstance(stats_top_k, bool) or not isinstance(stats_top_k, int) or stats_top_k < 1:
+        raise ValueError(f"stats_top_k must be an integer >= 1, got {stats_top_k!r}")
+
+
 # Eager under torch.compile: the chunk loop is Python over the row count, so a traced version would recompile for
 # every new N (remove-padding changes N every micro-batch) and stop compiling at dynamo's recompile limit, and the
 # hand-written chunked kernels leave a compiler little to fuse. A compiled caller gets one graph break here instead.
@@ -644,9 +651,7 @@ def _entropy_terms(
 ) -> EntropyTerms:
     """entropy_terms for an already validated region and reference (the actor validates once, at build time)."""
     vocab = logits.shape[-1]
-    region.validate(vocab)
-    if isinstance(stats_top_k, bool) or not isinstance(stats_top_k, int) or stats_top_k < 1:
-        raise ValueError(f"stats_top_k must be an integer >= 1, got {stats_top_k!r}")
+    _validate_options(region, vocab, stats_top_k)
     lead = logits.shape[:-1]
     chunk = _chunk_rows(vocab, logits.device, chunk_size)
     outs = _EntropyTermsFn.apply(logits.reshape(-1, vocab), region, stats_top_k, with_stats, chunk, reference)
@@ -907,7 +912,6 @@ class _FusedLinearEntropyFn(torch.autograd.Function):
         return grad_h, grad_w, None, None, None, None, None, None, None, None
 
 
-
 def fused_linear_entropy_terms(
     hidden_states: torch.Tensor,
     weight: torch.Tensor,
@@ -962,9 +966,7 @@ def _fused_linear_entropy_terms(
     """fused_linear_entropy_terms for an already built region (the actor validates its options once)."""
     _check_fused_inputs(hidden_states, weight, labels, temperature)
     vocab = weight.shape[0]
-    region.validate(vocab)
-    if isinstance(stats_top_k, bool) or not isinstance(stats_top_k, int) or stats_top_k < 1:
-        raise ValueError(f"stats_top_k must be an integer >= 1, got {stats_top_k!r}")
+    _validate_options(region, vocab, stats_top_k)
     chunk = _fused_chunk_rows(vocab, hidden_states.device, chunk_size)
     sub = min(chunk, _chunk_rows(vocab, hidden_states.device, None))
     log_probs, *terms = _FusedLinearEntropyFn.apply(

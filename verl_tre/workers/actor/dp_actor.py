@@ -96,7 +96,8 @@ class TREDataParallelPPOActor(DataParallelPPOActor):
         if not calculate_entropy:
             return super()._forward_micro_batch(micro_batch, temperature, calculate_entropy=False)
         # verl's padded path calls verl_F.entropy_from_logits directly instead of self.compute_entropy_from_logits.
-        patch = _swap_attr(verl_F, "entropy_from_logits", self.compute_entropy_from_logits) if not self.use_remove_padding else nullcontext()
+        padded = not self.use_remove_padding
+        patch = _swap_attr(verl_F, "entropy_from_logits", self.compute_entropy_from_logits) if padded else nullcontext()
         with patch:
             return super()._forward_micro_batch(micro_batch, temperature, calculate_entropy=True)
 
