@@ -97,6 +97,54 @@ def test_reference_statistics_match_brute_force_whatever_the_regularizer(vocab, 
         assert torch.equal(terms.nucleus_size, terms.region_size)  # the training nucleus, reused
 
 
+def confident_rows(vocab: int, tails) -> torch.Tensor:
+    """fp32 logit rows whose mass outside the top 2 is about ``tails[i]`` (two leading tokens near 0.6 / 0.4, the
+    rest spread with noise): the late-training regime where 1 - mass of the top K cancels in fp32."""
+    gen = torch.Generator().manual_seed(3)
+    z = torch.randn(len(tails), vocab, generator=gen, dtype=torch.float64) * 0.5
+    for i, tail in enumerate(tails):
+        z[i] += math.log(tail) - torch.logsumexp(z[i, 2:], dim=0)  # the rest's total mass ~ tail (next to ~1)
+        z[i, 0], z[i, 1] = math.log(0.6), math.log(0.4)
+    return z.float()
+
+
+def exact_tail_masses(logits: torch.Tensor, ks) -> list[list[float]]:
+    """Mass outside the K likeliest tokens, exactly rounded (math.fsum) from the fp64 values of the probabilities
+    the pass works on."""
+    out = []
+    for row in probabilities_seen(logits):
+        ordered = sorted(row.tolist(), reverse=True)
+        total = math.fsum(ordered)
+        out.append([math.fsum(ordered[k:]) / total for k in ks])
+    return out
+
+
+@pytest.mark.parametrize("vocab", [49_152, 1_000])
+def test_tail_masses_are_exact_down_to_1e_12_on_confident_rows(vocab):
+    """The tail is summed from its own probabilities, not as 1 - top K: a true 4.4e-9 tail read 0 and 5.0e-7 read
+    7.4e-7 before; now every row down to 1e-12 is within fp32 rounding of exact arithmetic, top 2 and top 10."""
+    tails = (1e-2, 5.0e-7, 4.4e-9, 1e-10, 1e-12)
+    logits = confident_rows(vocab, tails)
+    terms = entropy_terms(logits, reference_top_k=(2, 10), reference_top_p=None)
+    want = torch.tensor(exact_tail_masses(logits, (2, 10)), dtype=torch.float64)
+    assert (want[:, 0] > 0.5 * torch.tensor(tails)).all()  # the rows are as confident as intended
+    assert torch.allclose(terms.tail_mass.double(), want, rtol=2e-6, atol=0.0)
+    assert (terms.tail_mass[:, 1] < terms.tail_mass[:, 0]).all()  # top 10 is not top 2 on any row
+
+
+def test_fused_tail_masses_are_exact_down_to_1e_12():
+    """The fused lm head reports the same exact tails (identity lm head: the hidden states are the logits)."""
+    from verl_tre.utils.torch_functional import fused_linear_entropy_terms
+
+    vocab = 512
+    logits = confident_rows(vocab, (5.0e-7, 4.4e-9, 1e-12))
+    labels = torch.zeros(len(logits), dtype=torch.long)
+    _, terms = fused_linear_entropy_terms(logits, torch.eye(vocab), labels, reference_top_k=(2, 10),
+                                          reference_top_p=None)
+    want = torch.tensor(exact_tail_masses(logits, (2, 10)), dtype=torch.float64)
+    assert torch.allclose(terms.tail_mass.double(), want, rtol=2e-6, atol=0.0)
+
+
 def test_reference_nucleus_is_uncapped_and_independent_of_the_training_p():
     logits = rows("flat", 300)
     base = entropy_terms(logits, reference_top_p=0.99)
