@@ -184,6 +184,17 @@ def test_gradcheck(kw):
     assert torch.autograd.gradcheck(f, (hidden, weight))
 
 
+@pytest.mark.parametrize("through", ["log_probs", "value"])
+def test_double_backward_raises_a_clear_error(through):
+    """Not torch's opaque "mm(): functions with out=... arguments don't support automatic differentiation"."""
+    h = torch.randn(5, 8, generator=_gen(21), dtype=torch.float64, requires_grad=True)
+    w = torch.randn(30, 8, generator=_gen(22), dtype=torch.float64, requires_grad=True)
+    log_probs, terms = fused_linear_entropy_terms(h, w, torch.arange(5), top_p=0.9)
+    out = log_probs if through == "log_probs" else terms.value
+    with pytest.raises(RuntimeError, match="fused_linear_entropy_terms: double backward is not supported"):
+        torch.autograd.grad(out.sum(), h, create_graph=True)
+
+
 def test_weight_only_and_hidden_only_gradients():
     hidden, weight, labels, grads = random_inputs(9, 6, 50, torch.float64, seed=9)
     ref = unfused(hidden, weight, labels, 1.0, grads, top_k=2)

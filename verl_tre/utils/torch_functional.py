@@ -70,7 +70,7 @@ class TrustRegion:
     max_size: optional cap on the TRE-P region size (the reference capped at 256; its fp32 cumulative sum still
         differs from our fp64 one on rare rows); None computes the uncapped nucleus.
     scale: multiply by log(V) / log(|T|) (the reference does); False gives the plain renormalized entropy, useful
-        to compare regularizers at equal effective strength.
+        to compare regularizers at equal effective strength (TRE-K with K = 1 is logsumexp(z) - max(z) either way).
     """
 
     mode: Mode = "full"
@@ -538,6 +538,16 @@ def _chunk_backward(
     return None
 
 
+def _refuse_double_backward(name: str) -> None:
+    """The backward passes are hand-written and not themselves differentiable; the engine enables grad mode in
+    backward exactly when create_graph=True, which would otherwise fail deep inside with torch's own message."""
+    if torch.is_grad_enabled():
+        raise RuntimeError(
+            f"{name}: double backward is not supported (the backward pass is hand-written and not itself "
+            f"differentiable); call backward/autograd.grad without create_graph=True through the entropy terms"
+        )
+
+
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """fp32 arithmetic for fp16/bf16/fp32 logits; fp64 logits stay fp64 (references and gradient checks)."""
     return torch.promote_types(dtype, torch.float32)
@@ -588,12 +598,7 @@ class _EntropyTermsFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_value, *unused):
-        if torch.is_grad_enabled():
-            # The engine enables grad mode in backward exactly when create_graph=True.
-            raise RuntimeError(
-                "entropy_terms: double backward is not supported (the backward pass is hand-written and not itself "
-                "differentiable); call backward/autograd.grad without create_graph=True through the entropy terms"
-            )
+        _refuse_double_backward("entropy_terms")
         logits2d, *saved = ctx.saved_tensors
         grad = torch.empty_like(logits2d)
         ws = _Workspace(min(ctx.chunk, logits2d.shape[0]))
@@ -824,8 +829,9 @@ def _sub_chunks(rows: slice, z: torch.Tensor, sub: int):
 
 
 def _accumulate_weight_grad(acc: torch.Tensor, grad_z: torch.Tensor, grad_z_low, h: torch.Tensor) -> None:
-    """acc [V, H] += grad_z.T @ h for one chunk; acc is fp32 for low-precision inputs, so that the sum over chunks
-    is rounded once, as the unchunked matmul's is."""
+    """acc [V, H] += grad_z.T @ h for one chunk; acc is fp32 for low-precision inputs. On CPU each chunk's product
+    is computed in fp32 too, so the sum over chunks is rounded to the weight's dtype once, as the unchunked matmul's
+    is; on a GPU each chunk's bf16/fp16 product is rounded once (per chunk) before the fp32 sum."""
     if grad_z_low is None:
         acc.addmm_(grad_z.t(), h)
     elif acc.device.type == "cpu":
@@ -874,6 +880,7 @@ class _FusedLinearEntropyFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_log_probs, grad_value, *unused):
+        _refuse_double_backward("fused_linear_entropy_terms")
         hidden, weight, labels, *rest = ctx.saved_tensors
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         if hidden.shape[0] == 0 or (grad_log_probs is None and grad_value is None) or not (need_h or need_w):
