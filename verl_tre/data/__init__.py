@@ -1,4 +1,4 @@
-"""Data preparation for the paper's tasks (MATH, Countdown, HH) in verl's parquet row format.
+"""Data preparation for the paper's tasks (MATH, Countdown, HH, and two-operand arithmetic) in verl's parquet row format.
 
 Public names are loaded on first use, so that importing :mod:`verl_tre.data.sources` (as the reward
 dispatcher does in every reward worker) pulls in neither pandas nor the hub client.
@@ -25,6 +25,7 @@ _EXPORTS = {
     "write_validation_set": "math_task",
     "VALIDATION_SETS": "math_task",
     "hh_row": "hh_task",
+    "write_arithmetic_splits": "arithmetic_task",
     "write_hh_splits": "hh_task",
     "load_local_records": "io",
     "write_parquet_atomic": "io",

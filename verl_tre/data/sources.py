@@ -11,6 +11,7 @@ AIME_2024 = "HuggingFaceH4/aime_2024"
 AIME_2022_2024 = "AI-MO/aimo-validation-aime"
 COUNTDOWN = "countdown"
 COUNTDOWN_HUB = "Jiayi-Pan/Countdown-Tasks-3to4-Unique"
+ARITHMETIC = "arithmetic"
 HH = "trl-lib/ultrafeedback_binarized"
 
 # Sources scored by the last-\boxed rule against a reference answer.
@@ -23,3 +24,7 @@ COUNTDOWN_TEMPLATE = (
     "operations (+, -, *, /) and each number can only be used once. Show your work in <think> </think> "
     "tags. And return the final answer in <answer> </answer> tags, for example <answer> (1 + 2) / 3 </answer>."
 )
+
+# Two-operand addition for small real models (the real-LM study): SmolLM2-135M-Instruct answers about a fifth
+# of these correctly when sampled at temperature 1, so it earns reward from the first step.
+ARITHMETIC_TEMPLATE = "What is {a} + {b}? Answer with just the number."

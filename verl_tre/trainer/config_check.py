@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 from omegaconf import DictConfig, OmegaConf
 
-TASKS = ("math", "countdown", "hh")
+TASKS = ("math", "countdown", "hh", "arithmetic")
 MODEL_SIZES = ("1.5b", "7b")
 DEVICES = ("cuda", "cpu", "npu")
 # Estimators that normalise rewards within a group of rollouts of the same prompt: n = 1 gives zero advantages.

@@ -24,6 +24,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from verl_tre.data import sources
+from verl_tre.utils.reward_score import arithmetic as arithmetic_reward
 from verl_tre.utils.reward_score import countdown as countdown_reward
 from verl_tre.utils.reward_score import hh as hh_reward
 from verl_tre.utils.reward_score import math as math_reward
@@ -49,7 +50,7 @@ class RewardOptions(BaseModel):
 
 def known_data_sources() -> list[str]:
     """Every data_source string :func:`compute_score` can score."""
-    return sorted(sources.MATH_LIKE | {sources.COUNTDOWN, sources.HH})
+    return sorted(sources.MATH_LIKE | {sources.COUNTDOWN, sources.ARITHMETIC, sources.HH})
 
 
 def _options(kwargs: dict[str, Any]) -> RewardOptions:
@@ -97,6 +98,8 @@ def _score_all(
             )
         elif source == sources.COUNTDOWN:
             scores[i] = countdown_reward.compute_score(solution, truth)
+        elif source == sources.ARITHMETIC:
+            scores[i] = arithmetic_reward.compute_score(solution, truth)
         else:
             hh_indices.append(i)
     if hh_indices:
@@ -130,7 +133,7 @@ def compute_score(
     """Reward of one sample (naive manager: a float) or of a batch (batch manager: a list, input order).
 
     MATH, MATH500 and AIME sources: 0/1 on the last ``\\boxed`` answer. ``countdown``: 0/1 on the final
-    ``<answer>`` equation. ``trl-lib/ultrafeedback_binarized``: the reward server's scalar for
+    ``<answer>`` equation. ``arithmetic``: 0/1 on the last integer. ``trl-lib/ultrafeedback_binarized``: the reward server's scalar for
     ``(extra_info["prompt"], solution_str)``.
     """
     settings = _options(options)
