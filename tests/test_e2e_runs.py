@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 
 from trainer_fixtures import REGION_METRICS, cpu_overrides, ray_session, tiny_assets  # noqa: F401  (fixtures)
-from verl_tre import tables
-from verl_tre.runs import read_runs
-from verl_tre.trainer import config_check, main_ppo, run_identity
+from verl_tre.runs import identity, tables
+from verl_tre.runs.reading import read_runs
+from verl_tre.trainer import config_check, main_ppo
 
 # Metrics of the first step that depend only on the seed's rollouts and the starting policy (not on the loss's
 # regularizer, nor on wall time): equal for two runs with one seed, whatever their entropy coefficients.
@@ -29,7 +29,7 @@ def _base(assets, *extra):
 def _train(overrides) -> Path:
     config = main_ppo.compose_config(overrides)
     main_ppo.run(config)
-    return run_identity.run_dir(config)
+    return identity.run_dir(config)
 
 
 def _steps(run_dir) -> dict[int, dict]:
@@ -67,7 +67,7 @@ def test_runs_keep_their_identity(ray_session, tiny_assets, tmp_path, monkeypatc
 
     # The table: the two seeds of PPO in one row, the Entropy run in its own.
     runs = read_runs([str(ppo), str(entropy), str(seed2)])
-    table = tables.to_markdown(runs, compact=True)
+    table = tables.to_markdown(runs)
     rows = {line.split("|")[1].strip(): line for line in table.splitlines() if line.startswith("| ")}
     ppo_rows = [label for label in rows if label.startswith("PPO")]
     entropy_rows = [label for label in rows if label.startswith("Entropy")]

@@ -6,8 +6,9 @@ import statistics
 
 import pytest
 
-from verl_tre import plots, tables
-from verl_tre.runs import group_runs, read_runs
+from verl_tre.runs import plots, tables
+from verl_tre.runs.groups import group_runs
+from verl_tre.runs.reading import read_runs
 
 VAL = "val-core/math/acc/mean@1"
 REF = ("actor/ref/entropy_full", "actor/ref/top1_prob", "actor/ref/tail_mass_top2", "actor/ref/tail_mass_top10",
@@ -66,10 +67,13 @@ def test_seed_groups_become_rows_with_mean_sd_and_n(sweep):
     assert rows["PPO"][col] == f"35.00 ± {statistics.stdev([25.0, 45.0]):.2f} (n=2)"
     best = table_rows(tables.to_markdown(runs, pick="best"))
     assert best["TRE-K (K=2, coeff 0.001)"][col].startswith(f"{statistics.fmean([50.0, 70.0, 60.0]):.2f} ± ")
-    # The paper's other methods keep their (empty) rows, the K=2 row comes before K=4.
-    labels = list(rows)[1:]
-    assert labels.index("TRE-K (K=2, coeff 0.001)") < labels.index("TRE-K (K=4, coeff 0.01)")
-    assert rows["TRE-P"] == ["—"] * len(rows["Method"])
+    # Only the rows and columns that have runs, in the paper's method order, K=2 before K=4.
+    assert list(rows) == ["Method", "PPO", "TRE-K (K=2, coeff 0.001)", "TRE-K (K=4, coeff 0.01)"]
+    assert rows["Method"] == ["MATH 1.5b"]
+    # The paper's grid on request: its other methods and columns, empty.
+    grid = table_rows(tables.to_markdown(runs, paper_grid=True))
+    assert grid["TRE-P"] == ["—"] * 6 and len(grid["Method"]) == 6
+    assert grid["PPO"][grid["Method"].index("MATH 1.5b")] == rows["PPO"][0]
 
 
 def test_only_the_options_that_differ_label_a_row(tmp_path):
@@ -84,7 +88,7 @@ def test_groups_that_differ_outside_the_method_options_stay_apart(tmp_path):
     # Same method options, different seed groups (say, another learning rate): two rows, named by seed group.
     write_run(tmp_path, "lr1", "tre_p", 0, "lr1e-6", {"top_p": 0.99}, val=(0.1,))
     write_run(tmp_path, "lr2", "tre_p", 0, "lr3e-6", {"top_p": 0.99}, val=(0.9,))
-    rows = table_rows(tables.to_markdown(read_runs([str(tmp_path)]), compact=True))
+    rows = table_rows(tables.to_markdown(read_runs([str(tmp_path)])))
     assert rows["TRE-P [lr1e-6]"] == ["10.00"] and rows["TRE-P [lr3e-6]"] == ["90.00"]
 
 
@@ -93,7 +97,7 @@ def test_old_records_without_seed_fields_are_grouped_as_before(tmp_path):
     write_run(tmp_path, "old2", "tre_k", seed_fields=False, val=(0.4,))
     write_run(tmp_path, "new", "tre_k", 0, "g-new", {"top_k": 2}, val=(0.9,))
     write_run(tmp_path, "ppo_old", "ppo", seed_fields=False, val=(0.5,))
-    rows = table_rows(tables.to_markdown(read_runs([str(tmp_path)]), compact=True))
+    rows = table_rows(tables.to_markdown(read_runs([str(tmp_path)])))
     # The two old TRE-K runs are one cell labelled as before; the new group beside them is told apart by its K.
     assert rows["TRE-K"] == [f"30.00 ± {statistics.stdev([20.0, 40.0]):.2f} (n=2)"]
     assert rows["TRE-K (K=2)"] == ["90.00"]
@@ -101,7 +105,7 @@ def test_old_records_without_seed_fields_are_grouped_as_before(tmp_path):
     # A new group with no options beside old records of the same method: the labels would coincide, so each
     # names its seed group or run.
     write_run(tmp_path, "ppo_new", "ppo", 0, "g-ppo", {}, val=(0.7,))
-    rows = table_rows(tables.to_markdown(read_runs([str(tmp_path)]), compact=True))
+    rows = table_rows(tables.to_markdown(read_runs([str(tmp_path)])))
     assert rows["PPO [ppo_old]"] == ["50.00"] and rows["PPO [g-ppo]"] == ["70.00"]
 
 
@@ -120,7 +124,7 @@ def test_statistics_table_holds_comparable_quantities_per_seed_group(sweep):
 
 
 def test_latex_rows_are_the_seed_groups(sweep, tmp_path):
-    tex = tables.to_latex(read_runs([str(sweep)]), compact=True)
+    tex = tables.to_latex(read_runs([str(sweep)]))
     assert r"TRE-K (K=2, coeff 0.001) & " in tex and r"$\pm$" in tex and "(n=3)" in tex
     tables.main([str(sweep), "--out-dir", str(tmp_path / "out")])
     assert "(n=3)" in (tmp_path / "out" / "table.md").read_text()
