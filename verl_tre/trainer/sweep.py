@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     failed = []
     for i, job in enumerate(jobs, 1):
         if job.finished:
-            print(f"[sweep] run {i}/{len(jobs)} skipped, already {job.state}: {job.run_dir}", flush=True)
+            print(f"[sweep] run {i}/{len(jobs)} skipped, {job.state}: {job.run_dir}", flush=True)
             continue
         print(f"[sweep] run {i}/{len(jobs)}: {job.name}", flush=True)
         start = time.time()

@@ -93,10 +93,10 @@ def end_descendants(grace_s: float = 5.0) -> list[int]:
     return pids
 
 
-def run(command: list[str], env: dict[str, str], interrupt_grace_s: float = 60.0) -> int:
-    """Run ``command`` in its own session and return its exit status; end everything it left behind afterwards.
-    On Ctrl-C the child's process group gets SIGINT and up to ``interrupt_grace_s`` to end before the rest is
-    ended, then KeyboardInterrupt propagates."""
+def run(command: list[str], env: dict[str, str], interrupt_grace_s: float = 60.0, leftover_grace_s: float = 5.0) -> int:
+    """Run ``command`` in its own session and return its exit status; end everything it left behind afterwards
+    (``end_descendants(leftover_grace_s)``). On Ctrl-C the child's process group gets SIGINT and up to
+    ``interrupt_grace_s`` to end before the rest is ended, then KeyboardInterrupt propagates."""
     child = subprocess.Popen(command, env=env, start_new_session=True)
     try:
         return child.wait()
@@ -111,4 +111,4 @@ def run(command: list[str], env: dict[str, str], interrupt_grace_s: float = 60.0
         if child.poll() is None:
             child.kill()
             child.wait()
-        end_descendants()
+        end_descendants(leftover_grace_s)
