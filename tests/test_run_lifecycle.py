@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from trainer_fixtures import REPO, cpu_overrides, tiny_assets  # noqa: F401  (fixture)
+from trainer_fixtures import REPO, cpu_overrides, marked_processes, tiny_assets  # noqa: F401  (fixture)
 from verl_tre.runs import checkpoints, identity, lock, record, resume
 from verl_tre.trainer import config_check, main_ppo, sweep
 
@@ -164,6 +164,11 @@ def test_a_finished_run_is_reported_and_not_trained_again(tiny_assets, tmp_path,
     assert resume.decide(_config(tiny_assets, run_dir, "trainer.total_training_steps=1")).action == "finished"
     longer = resume.decide(_config(tiny_assets, run_dir, "trainer.total_training_steps=3"))
     assert (longer.action, longer.step) == ("resume", 2)
+    # Stopped after its last step was saved but before the launch marked it: finished too (verl would train a 3rd).
+    stopped = _record_run(_config(tiny_assets, tmp_path / "stopped"), [1, 2], checkpoint=2)
+    main_ppo.run(main_ppo.compose_config(_launch_overrides(tiny_assets, stopped)))
+    assert "already finished at step 2" in capsys.readouterr().err
+    assert json.loads((stopped / record.RUN_FILE).read_text())["finished"]["step"] == 2
 
 
 def test_an_unfinished_run_without_a_checkpoint_is_not_appended_to(tiny_assets, tmp_path):
@@ -196,6 +201,16 @@ def _checkpoint(run_dir: Path, step: int, *parts: str) -> Path:
 
 def _on_disk(run_dir: Path) -> dict[int, list[str]]:
     return {step: sorted(p.name for p in folder.iterdir()) for step, folder in checkpoints.checkpoint_dirs(run_dir)}
+
+
+def test_a_resumed_record_continues_after_a_line_cut_by_a_kill(tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / record.METRICS_FILE).write_text('{"step": 1, "time": 0, "metrics": {}}\n{"step": 2, "ti')
+    recorder = record.RunRecorder(run_dir, {"name": "r"})
+    recorder.log({"a": 1.0}, step=2)
+    recorder.close()
+    assert [json.loads(line)["step"] for line in (run_dir / record.METRICS_FILE).read_text().splitlines()] == [1, 2]
 
 
 def test_retention_keeps_the_newest_of_each_role_whoever_wrote_them(tmp_path):
@@ -288,17 +303,6 @@ except KeyboardInterrupt:
 """
 
 
-def _marked(mark: str) -> list[int]:
-    pids = []
-    for environ in Path("/proc").glob("[0-9]*/environ"):
-        try:
-            if mark.encode() in environ.read_bytes():
-                pids.append(int(environ.parent.name))
-        except OSError:
-            continue
-    return pids
-
-
 def test_ctrl_c_on_a_child_run_ends_everything_it_started(tmp_path):
     mark = f"VERL_TRE_TEST_MARK={os.getpid()}_{time.monotonic_ns()}"
     name, value = mark.split("=")
@@ -307,10 +311,10 @@ def test_ctrl_c_on_a_child_run_ends_everything_it_started(tmp_path):
                               start_new_session=True)
     assert parent.stdout.readline().strip() == "started"
     deadline = time.monotonic() + 30
-    while len(_marked(mark)) < 3 and time.monotonic() < deadline:  # the parent, the child and its daemon
+    while len(marked_processes(mark)) < 3 and time.monotonic() < deadline:  # the parent, the child and its daemon
         time.sleep(0.1)
-    assert len(_marked(mark)) >= 3
+    assert len(marked_processes(mark)) >= 3
     os.killpg(parent.pid, signal.SIGINT)  # what Ctrl-C in the terminal sends
     out = parent.communicate(timeout=60)[0]
     assert "interrupted" in out
-    assert _marked(mark) == []
+    assert marked_processes(mark) == []

@@ -6,10 +6,10 @@ starts and held until the trainer returns. The kernel drops it when that process
 included, so a crash never leaves a stale lock; a killed trainer actor makes ``run_ppo`` raise in the driver,
 which then ends and releases it, and Ray ends a killed driver's actors with it. Record locks are the kind NFS
 carries between machines (NFSv4 natively, v3 through lockd), so launches on two nodes that share the directory
-exclude each other too; on NFS a lock held by a machine that dies is freed when the server's lease runs out
-(NFSv4: 90 s by default). The file itself says who holds it (host, pid, start time, command) for the message a
-refused launch prints; it is emptied on release and never deleted (deleting would let a third launch lock a new
-file while the second still holds the old one).
+exclude each other too; on NFS a lock held by a machine that dies is freed when the server's lease runs out. The
+file itself says who holds it (host, pid, start time, command) for the message a refused launch prints; it is
+emptied on release and never deleted (deleting would let a third launch lock a new file while the second still
+holds the old one).
 """
 
 from __future__ import annotations

@@ -104,6 +104,16 @@ def mark_finished(run_dir: str | os.PathLike, config: Mapping[str, Any]) -> dict
     return summary["finished"]
 
 
+def _drop_partial_line(path: Path) -> None:
+    """Cut a line a killed run left half-written, so a resumed run's first line does not run into it."""
+    if not path.is_file():
+        return
+    with open(path, "rb+") as f:
+        data = f.read()
+        if data and not data.endswith(b"\n"):
+            f.truncate(data.rfind(b"\n") + 1)
+
+
 class RunRecorder:
     """Writes run.json and appends metrics.jsonl in ``run_dir``."""
 
@@ -111,6 +121,7 @@ class RunRecorder:
         self.run_dir = Path(run_dir).expanduser().resolve()
         self.run_dir.mkdir(parents=True, exist_ok=True)
         _write_summary(self.run_dir, summary)
+        _drop_partial_line(self.run_dir / METRICS_FILE)
         self._metrics = open(self.run_dir / METRICS_FILE, "a", encoding="utf-8")
 
     def log(self, data: Mapping[str, Any], step: int) -> None:

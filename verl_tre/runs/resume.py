@@ -9,7 +9,9 @@ that would mix two runs in one record:
   second time.
 
 A finished run (run.json has ``finished``, see verl_tre.runs.record) is left alone when the launch asks for no
-more steps than it ran: ``decide`` says so and nothing trains. ``verl_tre.resume_anyway=true`` waives the
+more steps than it ran: ``decide`` says so and nothing trains. So is a run whose latest checkpoint is already at
+the launch's last step (it was stopped after that step, before the launch could mark it finished): verl would
+load that checkpoint and train one step past the end. ``verl_tre.resume_anyway=true`` waives the
 refusals (the run continues with the new settings or from scratch), never the lock or a finished run.
 """
 
@@ -29,17 +31,16 @@ from verl_tre.trainer.config_check import ConfigError
 
 @dataclass
 class Launch:
-    """What a launch will do: ``start`` (nothing to resume), ``resume`` (from checkpoint ``step``) or ``finished``
-    (the run already ran as far as this launch asks; ``finished`` is its record's entry)."""
+    """What a launch will do: ``start`` (nothing to resume), ``resume`` (from the checkpoint of ``step``) or
+    ``finished`` (the run already ran as far as this launch asks, to ``step``)."""
 
     action: str
     step: int | None = None
-    finished: dict | None = None
 
     def describe(self) -> str:
         """A few words for a plan or a log line."""
         if self.action == "finished":
-            return f"finished at step {self.finished['step']}: nothing to train"
+            return f"finished at step {self.step}: nothing to train"
         return f"resumes from step {self.step}" if self.action == "resume" else "starts"
 
 
@@ -60,12 +61,24 @@ def _difference(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
     return lines
 
 
-def covers(finished: Mapping[str, Any], trainer: Mapping[str, Any]) -> bool:
+def _covers(finished: Mapping[str, Any], trainer: Mapping[str, Any]) -> bool:
     """Whether a run that finished as ``finished`` already ran as far as a launch with ``trainer`` settings asks."""
     steps, epochs = trainer.get("total_training_steps"), trainer.get("total_epochs")
     if (steps, epochs) == (finished.get("total_training_steps"), finished.get("total_epochs")):
         return True
     return steps is not None and steps <= finished.get("step", 0)
+
+
+def _length(summary: Mapping[str, Any], trainer: Mapping[str, Any]) -> int | None:
+    """The step a launch with ``trainer`` settings trains to: trainer.total_training_steps, else (same epochs) the
+    length verl computed for the recorded run and wrote into its actor's optim section; None when unknown."""
+    if trainer.get("total_training_steps") is not None:
+        return trainer.get("total_training_steps")
+    recorded = summary.get("config") or {}
+    if (recorded.get("trainer") or {}).get("total_epochs") != trainer.get("total_epochs"):
+        return None
+    length = identity.flatten(recorded).get("actor_rollout_ref.actor.optim.total_training_steps")
+    return length if isinstance(length, int) and length > 0 else None
 
 
 def _changed_configuration(directory: Path, mode: str, recorded: Mapping[str, Any], config: DictConfig) -> str | None:
@@ -120,8 +133,11 @@ def decide(config: DictConfig) -> Launch:
     if problem:
         raise ConfigError(problem)
     finished = summary.get("finished")
-    if finished and covers(finished, config.trainer):
-        return Launch("finished", finished["step"], finished)
+    if finished and _covers(finished, config.trainer):
+        return Launch("finished", finished["step"])
+    length = _length(summary, config.trainer)
+    if step is not None and length is not None and step >= length:
+        return Launch("finished", step)
     steps = record.logged_steps(directory)
     if step is None and (steps or finished) and not anyway:
         raise ConfigError(_no_checkpoint(directory, steps, finished, config))

@@ -168,6 +168,8 @@ def run(config: DictConfig) -> None:
     with lock.hold(directory):
         launch = resume.decide(config)
         if launch.action == "finished":
+            if "finished" not in record.read_summary(directory):  # stopped after its last step, before the mark
+                record.mark_finished(directory, config)
             print(f"[verl_tre] run {config.trainer.experiment_name} already {launch.describe()} (run.json in "
                   f"{directory}). To train it further, raise trainer.total_training_steps: it resumes from its last "
                   f"checkpoint.", file=sys.stderr)

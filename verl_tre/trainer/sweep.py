@@ -59,7 +59,8 @@ def script_overrides(script: str, env: dict[str, str], extra: list[str]) -> list
 
 
 def plan(scripts: list[str], variables: dict[str, list[str]], seeds: list[int], overrides: list[str]) -> list[Job]:
-    """Every combination, composed and validated offline (no data files or devices needed)."""
+    """Every combination, composed and validated offline (no data files or devices needed), with what its launch
+    will do with its directory."""
     for script in scripts:
         if not os.path.isfile(script):
             raise ValueError(f"script {script} does not exist (one of experiments/<task>/<size>_ppo*.sh)")
