@@ -18,6 +18,8 @@ import shutil
 from pathlib import Path
 from typing import Any, Mapping
 
+from verl_tre.runs import identity
+
 CHECKPOINT_TRACKER = "latest_checkpointed_iteration.txt"
 ROLES = ("actor", "critic")
 _STEP_DIR = re.compile(r"^global_step_(\d+)$")
@@ -46,28 +48,19 @@ def latest_step(run_dir: str | os.PathLike) -> int | None:
         return None
 
 
-def _setting(config: Mapping[str, Any], key: str):
-    node: Any = config
-    for part in key.split("."):
-        if not isinstance(node, Mapping):
-            return None
-        node = node.get(part)
-    return node
-
-
 def keep_counts(config: Mapping[str, Any]) -> dict[str, int | None]:
     """{role: checkpoints to keep} as verl's trainer reads them (None: keep all)."""
-    if _setting(config, "trainer.remove_previous_ckpt_in_save"):  # verl's deprecated spelling of "keep 1"
+    if identity.lookup(config, "trainer.remove_previous_ckpt_in_save"):  # verl's deprecated spelling of "keep 1"
         return {role: 1 for role in ROLES}
-    return {role: _setting(config, f"trainer.max_{role}_ckpt_to_keep") for role in ROLES}
+    return {role: identity.lookup(config, f"trainer.max_{role}_ckpt_to_keep") for role in ROLES}
 
 
 def resume_source(config: Mapping[str, Any]) -> Path | None:
     """The checkpoint folder verl will load for this launch, or None (a fresh start)."""
-    mode = _setting(config, "trainer.resume_mode")
+    mode = identity.lookup(config, "trainer.resume_mode")
     if mode == "resume_path":
-        return Path(os.path.abspath(os.path.expanduser(str(_setting(config, "trainer.resume_from_path")))))
-    run_dir = Path(str(_setting(config, "trainer.default_local_dir")))
+        return Path(os.path.abspath(os.path.expanduser(str(identity.lookup(config, "trainer.resume_from_path")))))
+    run_dir = Path(str(identity.lookup(config, "trainer.default_local_dir")))
     step = latest_step(run_dir) if mode == "auto" else None
     return None if step is None else run_dir / f"global_step_{step}"
 
@@ -79,19 +72,21 @@ def prune(run_dir: str | os.PathLike, keep: Mapping[str, int | None], protect: P
     if not any(isinstance(n, int) and n >= 1 for n in keep.values()):
         return []
     protect = Path(os.path.abspath(protect)) if protect is not None else None
-    steps = [folder for _, folder in checkpoint_dirs(run_dir) if Path(os.path.abspath(folder)) != protect]
+    folders = [folder for _, folder in checkpoint_dirs(run_dir)]
+    deletable = [folder for folder in folders if Path(os.path.abspath(folder)) != protect]
     removed = []
     for role in ROLES:
         count = keep.get(role)
         if not isinstance(count, int) or count < 1:
             continue
-        # The newest are counted among all folders, the protected one included, so it never pushes out a newer one.
-        holding = [f for _, f in checkpoint_dirs(run_dir) if (f / role).is_dir()]
+        # Counted over all folders, the protected one included: an old protected checkpoint is kept beside the
+        # newest ones, not in place of one.
+        holding = [folder for folder in folders if (folder / role).is_dir()]
         for folder in holding[:-count]:
-            if folder in steps:
+            if folder in deletable:
                 shutil.rmtree(folder / role, ignore_errors=True)
                 removed.append(folder / role)
-    for folder in steps:
+    for folder in deletable:
         if not any((folder / role).exists() for role in ROLES):
             shutil.rmtree(folder, ignore_errors=True)
             removed.append(folder)

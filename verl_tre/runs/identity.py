@@ -102,7 +102,8 @@ def seed_group(config) -> str:
     return _digest({k: v for k, v in training_config(config).items() if k not in SEED_KEYS})
 
 
-def _get(config: Mapping[str, Any], dotted: str, default=None):
+def lookup(config: Mapping[str, Any], dotted: str, default=None):
+    """The value at a dotted key of a nested config (plain containers or DictConfig), or ``default``."""
     node: Any = config
     for part in dotted.split("."):
         if not isinstance(node, Mapping) or part not in node:
@@ -121,14 +122,14 @@ def _slug(text: str) -> str:
 
 def run_name(config: Mapping[str, Any]) -> str:
     """``<task>_<size>_<method><options>_s<seed>_<hash>`` for a resolved config (plain containers)."""
-    actor = _get(config, "actor_rollout_ref.actor", {})
-    size = _get(config, "verl_tre.model_size") or Path(str(_get(config, "actor_rollout_ref.model.path", "model"))).name
-    parts = [_get(config, "verl_tre.task") or "custom", size, detect_method(actor)]
+    actor = lookup(config, "actor_rollout_ref.actor", {})
+    size = lookup(config, "verl_tre.model_size") or Path(str(lookup(config, "actor_rollout_ref.model.path", "model"))).name
+    parts = [lookup(config, "verl_tre.task") or "custom", size, detect_method(actor)]
     for key, value in method_options(actor).items():
         if key == "loss_mode":
             continue
         parts.append(f"{_SHORT.get(key, key)}{value}" if value is not False else f"no{key}")
-    parts += [f"s{_get(config, SEED_KEY)}", config_hash(config)]
+    parts += [f"s{lookup(config, SEED_KEY)}", config_hash(config)]
     return "_".join(_slug(str(p)) for p in parts)
 
 
@@ -147,14 +148,14 @@ def assign(config: DictConfig) -> str:
 def summary_fields(config: Mapping[str, Any]) -> dict[str, Any]:
     """run.json's identity fields for a resolved config (plain containers)."""
     return {
-        "name": _get(config, "trainer.experiment_name"),
-        "seed": _get(config, SEED_KEY),
+        "name": lookup(config, "trainer.experiment_name"),
+        "seed": lookup(config, SEED_KEY),
         "seed_group": seed_group(config),
         "config_hash": config_hash(config),
-        "method_options": method_options(_get(config, "actor_rollout_ref.actor", {})),
+        "method_options": method_options(lookup(config, "actor_rollout_ref.actor", {})),
     }
 
 
 def run_dir(config: Mapping[str, Any] | DictConfig) -> Path:
     """The run's directory as verl resolves it: trainer.default_local_dir, relative to the launch directory."""
-    return Path(os.path.abspath(os.path.expanduser(str(_get(config, "trainer.default_local_dir")))))
+    return Path(os.path.abspath(os.path.expanduser(str(lookup(config, "trainer.default_local_dir")))))

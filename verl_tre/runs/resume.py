@@ -75,9 +75,9 @@ def _length(summary: Mapping[str, Any], trainer: Mapping[str, Any]) -> int | Non
     if trainer.get("total_training_steps") is not None:
         return trainer.get("total_training_steps")
     recorded = summary.get("config") or {}
-    if (recorded.get("trainer") or {}).get("total_epochs") != trainer.get("total_epochs"):
+    if identity.lookup(recorded, "trainer.total_epochs") != trainer.get("total_epochs"):
         return None
-    length = identity.flatten(recorded).get("actor_rollout_ref.actor.optim.total_training_steps")
+    length = identity.lookup(recorded, "actor_rollout_ref.actor.optim.total_training_steps")
     return length if isinstance(length, int) and length > 0 else None
 
 
