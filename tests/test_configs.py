@@ -13,7 +13,7 @@ from omegaconf import OmegaConf
 
 from trainer_fixtures import REPO
 from verl_tre.trainer import config_check, main_ppo
-from verl_tre.utils.run_record import detect_method
+from verl_tre.runs.methods import detect_method
 
 TASKS = {"math": 8192, "countdown": 512, "hh": 1024}  # task -> the paper's response length
 SIZES = {"1.5b": "Qwen/Qwen2.5-1.5B-Instruct", "7b": "Qwen/Qwen2.5-7B-Instruct"}

@@ -14,7 +14,7 @@ import math
 import pytest
 
 from trainer_fixtures import REGION_METRICS, cpu_overrides, ray_session, tiny_assets  # noqa: F401  (fixtures)
-from verl_tre.utils import run_record
+from verl_tre.runs import identity, methods, record
 
 # method -> (overrides, metrics beyond the region metrics that must be logged). Elsewhere through the trainer:
 # PPO and the entropy bonus in test_e2e_runs.py (same region metrics), TRE-K in the GAE run below, TRE-K and TRE-P
@@ -34,8 +34,8 @@ def _train(overrides: list[str]) -> None:
 
 
 def _records(run_dir) -> tuple[dict, list[dict]]:
-    summary = json.loads((run_dir / run_record.RUN_FILE).read_text())
-    lines = [json.loads(line) for line in (run_dir / run_record.METRICS_FILE).read_text().splitlines()]
+    summary = json.loads((run_dir / record.RUN_FILE).read_text())
+    lines = [json.loads(line) for line in (run_dir / record.METRICS_FILE).read_text().splitlines()]
     return summary, lines
 
 
@@ -103,7 +103,7 @@ def test_gae_critic_two_workers_checkpoint_and_resume(ray_session, tiny_assets, 
     ({"entropy_coeff": 0.0, "policy_loss": {"loss_mode": "vanilla"}}, "ppo"),
 ])
 def test_detect_method(actor, method):
-    assert run_record.detect_method(actor) == method
+    assert methods.detect_method(actor) == method
 
 
 def test_tracking_writes_run_record(tmp_path):
@@ -111,8 +111,8 @@ def test_tracking_writes_run_record(tmp_path):
     import torch
     from verl.utils import tracking
 
-    run_record.install()
-    run_record.install()  # idempotent: one record per log call, not two
+    record.install()
+    record.install()  # idempotent: one record per log call, not two
     config = {"verl_tre": {"task": "hh", "model_size": "7b"}, "trainer": {"default_local_dir": str(tmp_path / "r")},
               "actor_rollout_ref": {"model": {"path": "m"}, "actor": {"entropy_coeff": 0.001,
                                                                        "trust_region": {"mode": "top_p"}}}}
@@ -120,10 +120,8 @@ def test_tracking_writes_run_record(tmp_path):
     logger.log({"a": 1, "b": np.float32(0.5), "c": torch.tensor(2.0), "text": "skipped", "nan": float("nan")}, step=0)
     logger.log({"a": 2}, step=1)
     summary, lines = _records(tmp_path / "r")
-    from verl_tre.trainer import run_identity
-
     assert summary == {"task": "hh", "model": "m", "model_size": "7b", "method": "tre_p", "config": config,
-                       **run_identity.summary_fields(config)}
+                       **identity.summary_fields(config)}
     assert summary["method_options"] == {"top_p": None, "entropy_coeff": 0.001}
     assert [line["step"] for line in lines] == [0, 1]
     assert lines[0]["metrics"]["a"] == 1.0 and lines[0]["metrics"]["b"] == 0.5 and lines[0]["metrics"]["c"] == 2.0

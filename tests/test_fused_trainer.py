@@ -19,7 +19,7 @@ from test_actor import METHODS, PROMPT, TEMPERATURE, actor_config, cpu_process_g
 from trainer_fixtures import cpu_overrides, ray_session, tiny_assets  # noqa: F401  (fixtures)
 from verl_tre import plugin
 from verl_tre.models import fused_forward
-from verl_tre.utils import run_record
+from verl_tre.runs import record
 from verl_tre.utils.torch_functional import EntropyTerms, TrustRegion, entropy_terms
 from verl_tre.workers.actor.dp_actor import TREDataParallelPPOActor
 
@@ -182,8 +182,8 @@ def test_options_and_config_accept_fused_kernels_with_every_method(capsys):
 
 
 def _records(run_dir):
-    summary = json.loads((run_dir / run_record.RUN_FILE).read_text())
-    lines = [json.loads(line) for line in (run_dir / run_record.METRICS_FILE).read_text().splitlines()]
+    summary = json.loads((run_dir / record.RUN_FILE).read_text())
+    lines = [json.loads(line) for line in (run_dir / record.METRICS_FILE).read_text().splitlines()]
     return summary, lines
 
 

@@ -16,18 +16,21 @@ from omegaconf import OmegaConf
 from test_configs import script_args
 from trainer_fixtures import REPO, cpu_overrides, tiny_assets  # noqa: F401  (fixture)
 from verl_tre import plugin
-from verl_tre.trainer import config_check, main_ppo, run_identity, sweep
-from verl_tre.utils import run_record
+from verl_tre.runs import identity, methods, record, resume
+from verl_tre.trainer import config_check, main_ppo, sweep
 
 
 def _prepared(overrides, launching=False):
+    """The config a launch with ``overrides`` trains; ``launching``: also what it would do with its directory."""
     config = main_ppo.compose_config(["trainer.device=cpu", *overrides])
     main_ppo.prepare(config, launching=launching)
+    if launching:
+        resume.decide(config)
     return config
 
 
 def _auto_overrides(assets, *extra):
-    """A tiny CPU run whose name and directory are left to run_identity (no default_local_dir override)."""
+    """A tiny CPU run whose name and directory are left to verl_tre.runs.identity (no default_local_dir override)."""
     return [o for o in cpu_overrides(assets, "unused") if not o.startswith("trainer.default_local_dir")] + list(extra)
 
 
@@ -62,14 +65,14 @@ def test_every_training_difference_gets_its_own_name():
 
 def test_seed_group_and_summary_fields():
     one, two = (OmegaConf.to_container(_prepared(["method=tre_k", f"verl_tre.seed={s}"])) for s in (1, 2))
-    a, b = run_identity.summary_fields(one), run_identity.summary_fields(two)
+    a, b = identity.summary_fields(one), identity.summary_fields(two)
     assert (a["seed"], b["seed"]) == (1, 2)
     assert a["seed_group"] == b["seed_group"] and a["config_hash"] != b["config_hash"]
     assert a["method_options"] == {"top_k": 2, "entropy_coeff": 0.001}
     assert a["name"] == one["trainer"]["experiment_name"] and a["config_hash"] in a["name"]
     # The seed reaches every place verl reads one.
     assert two["data"]["seed"] == two["actor_rollout_ref"]["rollout"]["seed"] == two["critic"]["seed"] == 2
-    summary = run_record.run_summary(two)
+    summary = record.run_summary(two)
     assert summary["seed"] == 2 and summary["seed_group"] == a["seed_group"] and summary["config"] == two
 
 
@@ -106,19 +109,19 @@ def test_scripts_take_values_from_the_environment():
     assert config.trainer.experiment_name.startswith("countdown_1.5b_tre_k_k3_ec0.005_s1_")
     ppo = main_ppo.compose_config(script_args(REPO / "experiments" / "math" / "1.5b_ppo.sh",
                                               env={"ENTROPY_COEFF": "0.001"}))
-    assert run_record.detect_method(ppo.actor_rollout_ref.actor) == "entropy"
+    assert methods.detect_method(ppo.actor_rollout_ref.actor) == "entropy"
     tre_p = main_ppo.compose_config(script_args(REPO / "experiments" / "hh" / "7b_ppo_tre_p.sh", env={"P": "0.9"}))
     assert tre_p.actor_rollout_ref.actor.trust_region.top_p == 0.9
 
 
 def _fake_previous_run(config, tmp_path, checkpoint=True):
     """A run directory as the trainer leaves it: run.json of ``config`` and, optionally, a checkpoint tracker."""
-    directory = run_identity.run_dir(config)
+    directory = identity.run_dir(config)
     directory.mkdir(parents=True)
     recorded = OmegaConf.to_container(config)
     for role in (recorded["actor_rollout_ref"]["actor"], recorded["critic"]):
         role["optim"]["total_training_steps"] = 2  # verl's trainer writes the run's length there before recording
-    (directory / "run.json").write_text(json.dumps(run_record.run_summary(recorded)))
+    (directory / "run.json").write_text(json.dumps(record.run_summary(recorded)))
     if checkpoint:
         (directory / "latest_checkpointed_iteration.txt").write_text("2")
     return directory
@@ -130,7 +133,7 @@ def test_resume_only_into_the_same_configuration(tiny_assets, tmp_path, monkeypa
     directory = _fake_previous_run(first, tmp_path)
     # Same configuration, longer run: resumes.
     again = _prepared(_auto_overrides(tiny_assets, "method=tre_k", "trainer.total_training_steps=5"), launching=True)
-    assert run_identity.run_dir(again) == directory
+    assert identity.run_dir(again) == directory
     # Another learning rate into the same directory (an explicit name): refused, with the difference and the ways out.
     pinned = [f"trainer.experiment_name={first.trainer.experiment_name}", "method=tre_k"]
     with pytest.raises(config_check.ConfigError) as err:
@@ -149,7 +152,7 @@ def test_resume_only_into_the_same_configuration(tiny_assets, tmp_path, monkeypa
 def test_checkpoints_without_a_record_are_not_resumed(tiny_assets, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     config = _prepared(_auto_overrides(tiny_assets), launching=True)
-    directory = run_identity.run_dir(config)
+    directory = identity.run_dir(config)
     directory.mkdir(parents=True)
     (directory / "latest_checkpointed_iteration.txt").write_text("4")
     with pytest.raises(config_check.ConfigError, match="holds checkpoints but no run.json"):

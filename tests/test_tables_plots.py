@@ -8,8 +8,8 @@ import shutil
 import matplotlib.image as mpimg
 import pytest
 
-from verl_tre import plots, tables
-from verl_tre.runs import detect_method, detect_model_size, find_run_dirs, read_run, read_runs
+from verl_tre.runs import plots, tables
+from verl_tre.runs.reading import detect_method, detect_model_size, find_run_dirs, read_run, read_runs
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "runs")
 PPO = os.path.join(FIXTURES, "countdown_tiny_ppo")
@@ -18,7 +18,7 @@ VAL_KEY = "val-core/countdown/reward/mean@1"
 
 
 def raw_records(path):
-    """Complete JSON lines of a metrics.jsonl, read independently of verl_tre.runs."""
+    """Complete JSON lines of a metrics.jsonl, read independently of verl_tre.runs.reading."""
     out = []
     with open(os.path.join(path, "metrics.jsonl")) as f:
         for line in f:
@@ -78,7 +78,7 @@ def test_reading_the_fixture_runs_tolerates_resume_and_truncation():
 def test_markdown_table_cells_are_final_or_best_validation_in_percent():
     runs = read_runs([PPO, TRE_K])
     for pick, reduce in (("final", lambda v: v[-1]), ("best", max)):
-        md = tables.to_markdown(runs, pick=pick)
+        md = tables.to_markdown(runs, pick=pick, paper_grid=True)
         lines = {ln.split("|")[1].strip(): [c.strip() for c in ln.split("|")[2:-1]] for ln in md.splitlines() if ln.startswith("| ")}
         header = lines["Method"]
         col = header.index("Countdown other size")
@@ -108,14 +108,14 @@ def test_cells_average_several_runs_and_mark_runs_without_validation(tmp_path):
 
 
 def test_latex_table_is_well_formed(tmp_path):
-    tex = tables.to_latex(read_runs([FIXTURES]), pick="best")
+    tex = tables.to_latex(read_runs([FIXTURES]), pick="best", paper_grid=True)
     body = [ln for ln in tex.splitlines() if ln.endswith(r"\\") and not ln.startswith(("Method", " &", "Paper"))]
     assert len(body) == 6
     n_cols = re.search(r"\\begin\{tabular\}\{l(r+)\}", tex)[1].count("r")
     assert all(ln.count("&") == n_cols for ln in body)
     # The header spans each task's columns contiguously: 2 + 3 + 2 here.
     assert r"\multicolumn{3}{c}{Countdown}" in tex and r"\cmidrule(lr){4-6}" in tex
-    tables.main([FIXTURES, "--compact", "--out-dir", str(tmp_path)])
+    tables.main([FIXTURES, "--out-dir", str(tmp_path)])
     assert (tmp_path / "table.md").read_text().count("\n| ") >= 3 and (tmp_path / "table.tex").exists()
 
 
@@ -147,7 +147,7 @@ def test_method_and_size_detection_without_run_json(tmp_path):
     def cfg(**actor):
         return {"actor_rollout_ref": {"actor": {"entropy_coeff": 0.0, "policy_loss": {"loss_mode": "vanilla"}, **actor}}}
 
-    # The trainer's own option names (verl_tre.utils.run_record).
+    # The trainer's own option names (verl_tre.runs.methods).
     assert detect_method(cfg()) == "ppo"
     assert detect_method(cfg(entropy_coeff=0.001)) == "entropy"
     assert detect_method(cfg(entropy_coeff=0.001, trust_region={"mode": "top_k", "top_k": 2})) == "tre_k"

@@ -57,6 +57,19 @@ def cpu_overrides(assets: dict[str, Path], run_dir: Path, *, workers: int = 1, s
     ]
 
 
+def marked_processes(mark: str) -> list[int]:
+    """PIDs of the live processes whose environment holds ``mark`` ("NAME=value"): everything a test's child
+    started, Ray's daemons and workers included (they inherit the environment), wherever they were re-parented."""
+    pids = []
+    for environ in Path("/proc").glob("[0-9]*/environ"):
+        try:
+            if mark.encode() in environ.read_bytes().split(b"\0"):
+                pids.append(int(environ.parent.name))
+        except OSError:  # ended while we looked, or not ours to read
+            continue
+    return pids
+
+
 def _ray_daemon_pids() -> list[int]:
     """PIDs of the local cluster's raylet and GCS server (the processes that can outlive a killed driver)."""
     import ray._private.worker as ray_worker

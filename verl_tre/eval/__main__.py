@@ -15,7 +15,7 @@ from verl_tre.eval.evaluate import evaluate
 from verl_tre.eval.files import write_text
 from verl_tre.eval.metrics import default_ks
 from verl_tre.eval.samples import load_samples, min_samples
-from verl_tre.tables import markdown_table
+from verl_tre.runs.tables import markdown_table
 
 
 def _parse_ks(text: str) -> list[int]:

@@ -219,7 +219,7 @@ def _check_trainer(c: _Checker, launching: bool) -> None:
 
 
 def _check_seed(c: _Checker) -> None:
-    from verl_tre.trainer.run_identity import SEED_KEY, SEED_TARGETS
+    from verl_tre.runs.identity import SEED_KEY, SEED_TARGETS
 
     seed = c.check(SEED_KEY, lambda v: isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2**31,
                    "an integer in [0, 2**31)")

@@ -6,6 +6,10 @@ the ``verl_tre`` section). Before Ray starts it applies CPU mode (trainer.device
 verl_tre/utils/cpu_mode.py) and validates every value (verl_tre/trainer/config_check.py). Then it starts Ray, or
 joins the cluster named by RAY_ADDRESS (multi-node: ``ray start`` on every node first), with a worker setup hook
 that installs our actor, policy losses and run records in every Ray worker process, and runs verl's trainer.
+The launch holds its run directory for as long as the trainer runs (verl_tre/runs/lock.py), skips a run that
+already finished, refuses one it would mix into another's record (verl_tre/runs/resume.py), keeps the directory's
+checkpoints within their retention before verl resumes (verl_tre/runs/checkpoints.py), and marks the run
+finished in its run.json when the trainer returns.
 
 Offline composition: ``verl_tre.dry_run=true`` composes the full config, applies CPU mode, validates it (without
 looking for data files or devices), prints it as YAML and exits; nothing starts.
@@ -19,7 +23,8 @@ import sys
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from verl_tre.trainer import config_check, run_identity
+from verl_tre.runs import checkpoints, identity, lock, record, resume
+from verl_tre.trainer import config_check
 from verl_tre.utils import cpu_mode
 
 config_check.register_resolvers()
@@ -33,10 +38,9 @@ _FORWARDED_PREFIXES = ("VERL_TRE_", "REWARD_SERVER_", "HF_", "TRANSFORMERS_", "W
 def install_extensions() -> None:
     """Our actor, policy losses and run records, in the current process."""
     from verl_tre import plugin
-    from verl_tre.utils import run_record
 
     plugin.install()
-    run_record.install()
+    record.install()
 
 
 def hide_trl_without_value_head() -> None:
@@ -74,21 +78,16 @@ def compose_config(overrides: list[str]) -> DictConfig:
 
 
 def prepare(config: DictConfig, launching: bool) -> list[str]:
-    """Apply CPU mode, name the run, resolve and validate ``config`` in place; when launching, also refuse to
-    resume a directory whose recorded run differs. Returns the CPU-mode notes."""
+    """Apply CPU mode, validate ``config``, name the run and resolve it, in place (``launching``: also check what
+    depends on this machine, such as data files and devices). Returns the CPU-mode notes."""
     notes = cpu_mode.adjust_config(config)
-    run_identity.assign(config)
+    install_extensions()
+    # Before naming: the name is made of values (the entropy coefficient, K, p, the seed) that must be valid.
+    config_check.validate(config, launching=launching)
+    identity.assign(config)
     OmegaConf.resolve(config)
     # Absolute, from the launch directory: Ray workers (which write there) may run in another working directory.
-    config.trainer.default_local_dir = str(run_identity.run_dir(config))
-    install_extensions()
-    config_check.validate(config, launching=launching)
-    if launching:
-        problem = run_identity.resume_problem(config)
-        if problem:
-            raise config_check.ConfigError(problem)
-        if config.verl_tre.task == "hh":
-            check_hh_reward_server(config)
+    config.trainer.default_local_dir = str(identity.run_dir(config))
     return notes
 
 
@@ -151,19 +150,40 @@ def _require_setup_hook() -> None:
 def run(config: DictConfig) -> None:
     """Validate ``config`` and run verl's trainer (or print the config when verl_tre.dry_run=true).
 
-    Starts Ray unless this process already did through ``init_ray``: several runs can share one start-up, and
-    each run's placement groups are released when it ends.
+    Holds the run directory from before Ray starts until the trainer returns; a run that already finished is
+    reported and not trained again. Starts Ray unless this process already did through ``init_ray``: several runs
+    can share one start-up, and each run's placement groups are released when it ends.
     """
     dry_run = bool(OmegaConf.select(config, "verl_tre.dry_run"))
     notes = prepare(config, launching=not dry_run)
     for note in notes:
         print(f"[verl_tre] cpu mode: {note}", file=sys.stderr)
-    print(f"[verl_tre] run {config.trainer.experiment_name} (seed {config.verl_tre.seed}) in "
-          f"{run_identity.run_dir(config)}", file=sys.stderr)
+    directory = identity.run_dir(config)
+    print(f"[verl_tre] run {config.trainer.experiment_name} (seed {config.verl_tre.seed}) in {directory}",
+          file=sys.stderr)
     print(f"[verl_tre] actor lm head: {config_check.lm_head_backend(config)}", file=sys.stderr)
     if dry_run:
         print(OmegaConf.to_yaml(config))
         return
+    with lock.hold(directory):
+        launch = resume.decide(config)
+        if launch.action == "finished":
+            if "finished" not in record.read_summary(directory):  # stopped after its last step, before the mark
+                record.mark_finished(directory, config)
+            print(f"[verl_tre] run {config.trainer.experiment_name} already {launch.describe()} (run.json in "
+                  f"{directory}). To train it further, raise trainer.total_training_steps: it resumes from its last "
+                  f"checkpoint.", file=sys.stderr)
+            return
+        if config.verl_tre.task == "hh":
+            check_hh_reward_server(config)
+        checkpoints.prune(directory, checkpoints.keep_counts(config), protect=checkpoints.resume_source(config))
+        _run_trainer(config)
+        if not config.trainer.val_only:
+            record.mark_finished(directory, config)
+
+
+def _run_trainer(config: DictConfig) -> None:
+    """verl's run_ppo, in this process's Ray session or in one it starts (and shuts down) for this run."""
     import ray
     from verl.trainer.main_ppo import run_ppo
 

@@ -6,9 +6,11 @@
 Each combination runs its script (experiments/<task>/<size>_ppo*.sh) with the variables in its environment and
 ``verl_tre.seed=<seed>`` plus the overrides appended, as a separate process: a failed run does not stop the
 others, and on an existing Ray cluster (``RAY_ADDRESS`` set, ``ray start`` done) every run joins it. Every run
-gets its own directory (its name follows from its training configuration, see verl_tre/trainer/run_identity.py);
-the plan printed first lists them, and the end prints the commands that tabulate and plot the grid. Rerunning the
-same command resumes unfinished runs from their latest checkpoint and re-checks finished ones quickly.
+gets its own directory (its name follows from its training configuration, see verl_tre/runs/identity.py); the
+plan printed first lists them with what each will do, and the end prints the commands that tabulate and plot the
+grid. Rerunning the same command skips the finished runs (their run.json says so) and resumes the unfinished ones
+from their latest checkpoint. Ctrl-C (or SIGTERM) stops the current run and everything it started, its local
+Ray cluster included (verl_tre/utils/process_tree.py).
 """
 
 from __future__ import annotations
@@ -16,13 +18,16 @@ from __future__ import annotations
 import argparse
 import itertools
 import os
+import signal
 import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from verl_tre.trainer import main_ppo, run_identity
+from verl_tre.runs import identity, resume
+from verl_tre.trainer import config_check, main_ppo
+from verl_tre.utils import process_tree
 
 _SCRIPT_VARIABLES = ("ENTROPY_COEFF", "K", "P", "MODEL_PATH", "CRITIC_PATH", "DATA_DIR")
 
@@ -34,6 +39,8 @@ class Job:
     overrides: list[str]
     name: str
     run_dir: Path
+    state: str  # what its launch will do: resume.Launch.describe(), or why it will be refused
+    finished: bool
 
 
 def _values(text: str) -> tuple[str, list[str]]:
@@ -52,7 +59,8 @@ def script_overrides(script: str, env: dict[str, str], extra: list[str]) -> list
 
 
 def plan(scripts: list[str], variables: dict[str, list[str]], seeds: list[int], overrides: list[str]) -> list[Job]:
-    """Every combination, composed and validated offline (no data files or devices needed)."""
+    """Every combination, composed and validated offline (no data files or devices needed), with what its launch
+    will do with its directory."""
     for script in scripts:
         if not os.path.isfile(script):
             raise ValueError(f"script {script} does not exist (one of experiments/<task>/<size>_ppo*.sh)")
@@ -60,10 +68,16 @@ def plan(scripts: list[str], variables: dict[str, list[str]], seeds: list[int], 
     names = list(variables)
     for script, values, seed in itertools.product(scripts, itertools.product(*variables.values()), seeds):
         env = dict(zip(names, values))
-        extra = [*overrides, f"{run_identity.SEED_KEY}={seed}"]
+        extra = [*overrides, f"{identity.SEED_KEY}={seed}"]
         config = main_ppo.compose_config(script_overrides(script, env, extra))
         main_ppo.prepare(config, launching=False)
-        jobs.append(Job(script, env, extra, str(config.trainer.experiment_name), run_identity.run_dir(config)))
+        try:
+            launch = resume.decide(config)
+            state, finished = launch.describe(), launch.action == "finished"
+        except config_check.ConfigError as refused:  # its own launch reports it in full; the others still run
+            state, finished = f"will be refused: {str(refused).splitlines()[0]}", False
+        jobs.append(Job(script, env, extra, str(config.trainer.experiment_name), identity.run_dir(config), state,
+                        finished))
     seen: dict[Path, Job] = {}
     for job in jobs:
         if job.run_dir in seen:
@@ -101,14 +115,25 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(f"[sweep] {len(jobs)} run(s):")
     for i, job in enumerate(jobs, 1):
-        print(f"  [{i}/{len(jobs)}] {job.run_dir}\n        {_describe(job)}")
+        print(f"  [{i}/{len(jobs)}] {job.run_dir}\n        {_describe(job)}\n        {job.state}")
     if args.dry_run:
         return 0
+    # SIGTERM ends the sweep the way Ctrl-C does: the current run and everything it started are stopped.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    process_tree.become_subreaper()
     failed = []
     for i, job in enumerate(jobs, 1):
+        if job.finished:
+            print(f"[sweep] run {i}/{len(jobs)} skipped, {job.state}: {job.run_dir}", flush=True)
+            continue
         print(f"[sweep] run {i}/{len(jobs)}: {job.name}", flush=True)
         start = time.time()
-        code = subprocess.call(["bash", job.script, *job.overrides], env={**os.environ, **job.env})
+        try:
+            code = process_tree.run(["bash", job.script, *job.overrides], {**os.environ, **job.env})
+        except KeyboardInterrupt:
+            print(f"[sweep] interrupted during run {i}/{len(jobs)}; it and its Ray processes are stopped. Rerun the "
+                  f"same command to resume it (from its latest checkpoint) and run the rest.", flush=True)
+            return 130
         status = "done" if code == 0 else f"FAILED (exit {code})"
         print(f"[sweep] run {i}/{len(jobs)} {status} in {time.time() - start:.0f} s: {job.run_dir}", flush=True)
         if code:

@@ -1,4 +1,4 @@
-"""A run's identity: its name, its directory, and whether a launch may resume what that directory holds.
+"""A run's identity: its name, its hash and its directory.
 
 Two launches are the same experiment when their *training configuration* is equal: the resolved trainer config
 without the keys that only say where files go, what is logged, how often it is saved or evaluated, how long the
@@ -10,11 +10,10 @@ of its options, seed, learning rate, batch sizes, data files, any override - is 
   where the hash covers the whole training configuration; ``trainer.default_local_dir`` (verl's
   ``checkpoints/<project>/<experiment_name>``, relative to the launch directory) follows from it. So runs that
   differ in anything that matters never share a directory, however the difference was made.
-* ``check_resume`` runs before Ray starts: a directory that already holds a run record is resumed only when the
-  recorded training configuration equals the new one; otherwise the launch stops, listing the differing keys
-  and the two ways out (a new directory, or ``verl_tre.resume_anyway=true``).
 * ``summary_fields`` is what run.json records beside the full config: name, seed, seed group (the hash without
   the seed: runs that differ only in the seed), config hash and the method's options.
+
+Whether a launch may write into a directory that already holds a run: verl_tre.runs.resume.
 """
 
 from __future__ import annotations
@@ -30,9 +29,9 @@ from typing import Any, Mapping
 
 from omegaconf import DictConfig, OmegaConf
 
+from verl_tre.runs.methods import detect_method, method_options
+
 AUTO = "auto"
-RUN_FILE = "run.json"
-CHECKPOINT_TRACKER = "latest_checkpointed_iteration.txt"
 RESUME_ANYWAY_KEY = "verl_tre.resume_anyway"
 SEED_KEY = "verl_tre.seed"
 # The places verl reads a seed from; config_check requires them to follow verl_tre.seed.
@@ -48,14 +47,14 @@ RESUMABLE_KEYS = (
     "trainer.rollout_data_dir", "trainer.validation_data_dir", "trainer.max_actor_ckpt_to_keep",
     "trainer.max_critic_ckpt_to_keep", "trainer.ray_wait_register_center_timeout", "trainer.profile_steps",
     "trainer.controller_nsight_options.*", "trainer.worker_nsight_options.*", "trainer.timeline_json_file",
-    "*.optim.total_training_steps",
-    "*.trust_region.metrics", "*.trust_region.reference_top_k", "*.trust_region.reference_top_p",  # logging only  # verl writes the run's length there when the trainer starts
+    "*.optim.total_training_steps",  # verl writes the run's length there when the trainer starts
+    "*.trust_region.metrics", "*.trust_region.reference_top_k", "*.trust_region.reference_top_p",  # logging only
     "ray_init.*", "verl_tre.dry_run", "verl_tre.run_record", RESUME_ANYWAY_KEY,
     "*.profiler.*", "*.checkpoint.*", "*.fsdp_config.param_offload", "*.fsdp_config.optimizer_offload",
     "*.fsdp_config.offload_policy", "*micro_batch_size*", "*max_token_len*", "*.gpu_memory_utilization",
     "*.enable_gradient_checkpointing", "data.filter_overlong_prompts_workers", "data.use_shm",
 )
-_SEED_KEYS = (SEED_KEY, *SEED_TARGETS)
+SEED_KEYS = (SEED_KEY, *SEED_TARGETS)
 
 
 def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
@@ -100,46 +99,17 @@ def config_hash(config) -> str:
 
 def seed_group(config) -> str:
     """8 hex digits of the training configuration without the seed: equal for runs that differ only in it."""
-    return _digest({k: v for k, v in training_config(config).items() if k not in _SEED_KEYS})
+    return _digest({k: v for k, v in training_config(config).items() if k not in SEED_KEYS})
 
 
-def _get(config: Mapping[str, Any], dotted: str, default=None):
+def lookup(config: Mapping[str, Any], dotted: str, default=None):
+    """The value at a dotted key of a nested config (plain containers or DictConfig), or ``default``."""
     node: Any = config
     for part in dotted.split("."):
         if not isinstance(node, Mapping) or part not in node:
             return default
         node = node[part]
     return node
-
-
-def method_options(actor: Mapping[str, Any]) -> dict[str, Any]:
-    """The options of the actor's method that tell its variants apart (coefficient, K, p, cap, ratios)."""
-    from verl_tre.utils.run_record import detect_method
-
-    method = detect_method(actor)
-    coeff = float(actor.get("entropy_coeff") or 0.0)
-    region = actor.get("trust_region") or {}
-    options: dict[str, Any] = {}
-    if method == "tre_k":
-        options["top_k"] = region.get("top_k")
-    elif method == "tre_p":
-        options["top_p"] = region.get("top_p")
-        if region.get("max_size") is not None:
-            options["max_size"] = region.get("max_size")
-    if method in ("tre_k", "tre_p") and region.get("scale", True) is False:
-        options["scale"] = False
-    if method == "forking_tokens":
-        forking = actor.get("forking_tokens") or {}
-        options["top_ratio"] = forking.get("top_ratio")
-        if forking.get("scope", "micro_batch") != "micro_batch":
-            options["scope"] = forking.get("scope")
-    if method == "kl_cov":
-        loss = actor.get("policy_loss") or {}
-        options.update(loss_mode=loss.get("loss_mode"), kl_cov_ratio=loss.get("kl_cov_ratio"),
-                       ppo_kl_coef=loss.get("ppo_kl_coef"))
-    if coeff > 0 or method in ("entropy", "tre_k", "tre_p"):
-        options["entropy_coeff"] = coeff
-    return options
 
 
 _SHORT = {"top_k": "k", "top_p": "p", "max_size": "cap", "top_ratio": "r", "kl_cov_ratio": "kc",
@@ -152,16 +122,14 @@ def _slug(text: str) -> str:
 
 def run_name(config: Mapping[str, Any]) -> str:
     """``<task>_<size>_<method><options>_s<seed>_<hash>`` for a resolved config (plain containers)."""
-    from verl_tre.utils.run_record import detect_method
-
-    actor = _get(config, "actor_rollout_ref.actor", {})
-    size = _get(config, "verl_tre.model_size") or Path(str(_get(config, "actor_rollout_ref.model.path", "model"))).name
-    parts = [_get(config, "verl_tre.task") or "custom", size, detect_method(actor)]
+    actor = lookup(config, "actor_rollout_ref.actor", {})
+    size = lookup(config, "verl_tre.model_size") or Path(str(lookup(config, "actor_rollout_ref.model.path", "model"))).name
+    parts = [lookup(config, "verl_tre.task") or "custom", size, detect_method(actor)]
     for key, value in method_options(actor).items():
         if key == "loss_mode":
             continue
         parts.append(f"{_SHORT.get(key, key)}{value}" if value is not False else f"no{key}")
-    parts += [f"s{_get(config, SEED_KEY)}", config_hash(config)]
+    parts += [f"s{lookup(config, SEED_KEY)}", config_hash(config)]
     return "_".join(_slug(str(p)) for p in parts)
 
 
@@ -180,60 +148,14 @@ def assign(config: DictConfig) -> str:
 def summary_fields(config: Mapping[str, Any]) -> dict[str, Any]:
     """run.json's identity fields for a resolved config (plain containers)."""
     return {
-        "name": _get(config, "trainer.experiment_name"),
-        "seed": _get(config, SEED_KEY),
+        "name": lookup(config, "trainer.experiment_name"),
+        "seed": lookup(config, SEED_KEY),
         "seed_group": seed_group(config),
         "config_hash": config_hash(config),
-        "method_options": method_options(_get(config, "actor_rollout_ref.actor", {})),
+        "method_options": method_options(lookup(config, "actor_rollout_ref.actor", {})),
     }
 
 
 def run_dir(config: Mapping[str, Any] | DictConfig) -> Path:
     """The run's directory as verl resolves it: trainer.default_local_dir, relative to the launch directory."""
-    return Path(os.path.abspath(os.path.expanduser(str(_get(config, "trainer.default_local_dir")))))
-
-
-def _difference(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
-    missing = object()
-    lines = []
-    for key in sorted(set(old) | set(new)):
-        a, b = old.get(key, missing), new.get(key, missing)
-        if a != b:
-            show = lambda v: "(absent)" if v is missing else json.dumps(v, default=str)  # noqa: E731
-            lines.append(f"{key}: {show(a)} -> {show(b)}")
-    return lines
-
-
-def resume_problem(config: DictConfig) -> str | None:
-    """Why this launch must not write into its run directory, or None. The config must be resolved."""
-    mode = config.trainer.resume_mode
-    directory = run_dir(config)
-    if mode == "resume_path":
-        directory = Path(os.path.abspath(os.path.expanduser(str(config.trainer.resume_from_path)))).parent
-    record = directory / RUN_FILE
-    has_checkpoint = (directory / CHECKPOINT_TRACKER).exists()
-    if OmegaConf.select(config, RESUME_ANYWAY_KEY):
-        return None
-    ways_out = (
-        "Either start a new run in its own directory (leave trainer.experiment_name=auto, or give another "
-        "trainer.experiment_name / trainer.default_local_dir), or, if you mean to continue that run with the "
-        f"new settings, add {RESUME_ANYWAY_KEY}=true."
-    )
-    if not record.exists():
-        if has_checkpoint and mode != "disable":
-            return (f"{directory} holds checkpoints but no {RUN_FILE}, so nothing says which configuration made "
-                    f"them. {ways_out}")
-        return None
-    if mode == "disable":
-        return (f"{directory} already holds a run ({RUN_FILE}); trainer.resume_mode=disable would start over "
-                f"there and mix the new run's metrics into the old record. Delete that directory to start over. "
-                f"{ways_out}")
-    recorded = json.loads(record.read_text()).get("config", {})
-    changed = _difference(training_config(recorded), training_config(config))
-    if not changed:
-        return None
-    shown = "\n".join(f"    {line}" for line in changed[:25])
-    more = f"\n    ... and {len(changed) - 25} more" if len(changed) > 25 else ""
-    what = "resume" if has_checkpoint else "append to"
-    return (f"trainer.resume_mode={mode} would {what} the run in {directory}, whose recorded configuration "
-            f"differs from this launch in {len(changed)} key(s):\n{shown}{more}\n  {ways_out}")
+    return Path(os.path.abspath(os.path.expanduser(str(lookup(config, "trainer.default_local_dir")))))

@@ -1,12 +1,13 @@
-"""Read the local records of training runs: ``run.json`` and ``metrics.jsonl`` in each run directory.
+"""Read the local records of training runs back: ``run.json`` and ``metrics.jsonl`` in each run directory.
 
 ``metrics.jsonl`` holds one JSON object per training step, ``{"step", "time", "metrics": {name: value}}``
 with verl's metric names plus the project's (``actor/ref/entropy_full``, ``actor/regularizer/value``, ...);
 ``run.json`` holds ``task``, ``model``, ``model_size``, ``method`` and the resolved ``config``, and in newer records
-``seed``, ``seed_group`` (equal for runs that differ only in the seed), ``method_options`` and ``config_hash``.
-``group_runs`` gathers the runs of one seed group for the tables and plots. Both files are read tolerantly: a truncated last line (a run killed mid-write) is dropped, a step logged twice (a run
-resumed from a checkpoint) keeps the last value of each metric, and fields missing from ``run.json`` are inferred from
-the config, the model name or the directory name.
+``seed``, ``seed_group`` (equal for runs that differ only in the seed), ``method_options``, ``config_hash`` and,
+once the run is done, ``finished`` (verl_tre/runs/record.py writes them). Both files are read tolerantly: a
+truncated last line (a run killed mid-write) is dropped, a step logged twice (a run resumed from a checkpoint)
+keeps the last value of each metric, and fields missing from ``run.json`` are inferred from the config, the model
+name or the directory name. verl_tre/runs/groups.py gathers the runs of one seed group for the tables and plots.
 """
 
 from __future__ import annotations
@@ -16,23 +17,16 @@ import math
 import os
 import re
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import pandas as pd
 
 from verl_tre.data import sources
+from verl_tre.runs import identity, methods
+from verl_tre.runs.methods import METHODS
 
-# Row order of the tables and legend order of the plots: the paper's.
-METHODS = {
-    "ppo": "PPO",
-    "entropy": "Entropy",
-    "forking_tokens": "Forking Tokens",
-    "kl_cov": "KL-Cov",
-    "tre_k": "TRE-K",
-    "tre_p": "TRE-P",
-}
 TASKS = ("math", "countdown", "hh")
 TASK_LABELS = {"math": "MATH", "countdown": "Countdown", "hh": "HH"}
 MODEL_SIZES = ("1.5b", "7b")
@@ -146,20 +140,10 @@ def read_metrics(path: str) -> tuple[pd.DataFrame, list[str]]:
     return frame, notes
 
 
-def _flatten(d: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
-    if isinstance(d, dict):
-        for k, v in d.items():
-            yield from _flatten(v, f"{prefix}{k}.")
-    else:
-        yield prefix[:-1], d
-
-
 def detect_method(config: dict[str, Any]) -> str | None:
     """The method a resolved config trains, by the trainer's own rule; None without an actor section."""
-    from verl_tre.utils.run_record import detect_method as from_actor
-
     actor = config.get("actor_rollout_ref", {}).get("actor")
-    return from_actor(actor) if isinstance(actor, dict) else None
+    return methods.detect_method(actor) if isinstance(actor, dict) else None
 
 
 def detect_model_size(model: str | None) -> str | None:
@@ -169,7 +153,7 @@ def detect_model_size(model: str | None) -> str | None:
 
 
 def _detect_task(config: dict[str, Any], name: str) -> str | None:
-    files = " ".join(str(v) for k, v in _flatten(config.get("data", {})) if k.endswith("files"))
+    files = " ".join(str(v) for k, v in identity.flatten(config.get("data", {})).items() if k.endswith("files"))
     for text in (files.lower(), name.lower()):
         for task in TASKS:
             if task in text:
@@ -215,92 +199,6 @@ def read_run(path: str) -> Run:
     )
 
 
-# How a method option reads in a row label ("TRE-K (K=2, coeff 0.001)"), in this order; other options read
-# "name=value", after these.
-_OPTION_FORMATS = {
-    "top_k": "K={}",
-    "top_p": "p={}",
-    "max_size": "cap={}",
-    "max_region_size": "cap={}",
-    "scale": "scale={}",
-    "top_ratio": "ratio={}",
-    "forking_ratio": "ratio={}",
-    "scope": "scope={}",
-    "forking_scope": "scope={}",
-    "kl_cov_ratio": "ratio={}",
-    "ppo_kl_coef": "KL coef {}",
-    "entropy_coeff": "coeff {}",
-    "coeff": "coeff {}",
-}
-_OPTION_ORDER = {name: i for i, name in enumerate(_OPTION_FORMATS)}
-
-
-@dataclass
-class RunGroup:
-    """Runs that differ only in the seed (one ``seed_group``), or the older records of one method, task and model
-    size, which carry no seed fields and are grouped as before. ``label``: the method plus the options that tell
-    this group apart from the method's other groups."""
-
-    key: str
-    method: str
-    task: str
-    model_size: str | None
-    label: str
-    runs: list[Run]
-    sort_key: tuple = ()
-
-    @property
-    def n(self) -> int:
-        return len(self.runs)
-
-
-def _format_option(name: str, value: Any) -> str:
-    text = f"{value:g}" if isinstance(value, float) else str(value)
-    return _OPTION_FORMATS.get(name, name + "={}").format(text)
-
-
-def group_runs(runs: list[Run]) -> list[RunGroup]:
-    """Seed groups of ``runs`` in the paper's method order, labelled by method plus the method options whose values
-    differ between that method's groups; groups whose labels would still coincide (they differ in something
-    outside the method options, such as the learning rate) get their seed group appended."""
-    members: dict[str, list[Run]] = {}
-    for r in runs:
-        key = f"seed_group:{r.seed_group}" if r.seed_group else f"legacy:{r.method}:{r.task}:{r.model_size}"
-        members.setdefault(key, []).append(r)
-    by_method: dict[str, list[str]] = {}
-    for key, rs in members.items():
-        by_method.setdefault(rs[0].method or "unknown", []).append(key)
-    groups = []
-    for method, keys in by_method.items():
-        options = {k: members[k][0].method_options for k in keys}
-        names = sorted({n for o in options.values() for n in o}, key=lambda n: (_OPTION_ORDER.get(n, len(_OPTION_ORDER)), n))
-        varying = [n for n in names if len({repr(o.get(n)) for o in options.values()}) > 1]
-        for k in keys:
-            shown = [_format_option(n, options[k][n]) for n in varying if n in options[k]]
-            label = METHODS.get(method, method) + (f" ({', '.join(shown)})" if shown else "")
-            first = members[k][0]
-            order = tuple(_sortable(options[k].get(n)) for n in varying)
-            groups.append(RunGroup(k, method, first.task or "unknown", first.model_size, label, members[k], order))
-    # The same label in the same (task, size) for two seed groups: name the seed groups.
-    seen: dict[tuple, list[RunGroup]] = {}
-    for g in groups:
-        seen.setdefault((g.label, g.task, g.model_size), []).append(g)
-    for clash in (c for c in seen.values() if len(c) > 1):
-        for g in clash:
-            g.label += f" [{g.runs[0].seed_group or g.runs[0].name}]"
-    order = {m: i for i, m in enumerate(METHODS)}
-    return sorted(groups, key=lambda g: (order.get(g.method, len(order)), g.method, g.sort_key, g.label))
-
-
-def _sortable(value: Any) -> tuple:
-    """Numbers in numeric order (K=2 before K=10), then everything else as text, a missing option first."""
-    if value is None:
-        return (0, 0.0, "")
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return (1, float(value), "")
-    return (2, 0.0, str(value))
-
-
 def find_run_dirs(paths: list[str]) -> list[str]:
     """Run directories among ``paths``: each path itself if it holds ``metrics.jsonl``, else every directory
     below it that does (so a whole experiments folder can be passed)."""
@@ -331,3 +229,12 @@ def read_runs(paths: list[str], report: Callable[[str], None] | None = None) -> 
 def print_note(note: str) -> None:
     """``report`` for command-line tools: the note on stderr."""
     print(f"note: {note}", file=sys.stderr)
+
+
+def run_command(main: Callable[[], None]) -> None:
+    """Run a reporting command's ``main``; bad input (ValueError, FileNotFoundError) ends it with its one-line
+    message instead of a traceback."""
+    try:
+        main()
+    except (ValueError, FileNotFoundError) as error:  # the message says what to fix
+        sys.exit(f"error: {error}")
