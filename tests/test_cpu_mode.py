@@ -162,7 +162,8 @@ def test_compute_dtype_option_is_validated_and_reaches_the_workers():
 
     config = main_ppo.compose_config(["trainer.device=cpu"])
     assert config.verl_tre.cpu_compute_dtype == "fp32"
-    assert cpu_mode.worker_env(config) == {cpu_mode.ENV_FLAG: "1", cpu_mode.DTYPE_ENV: "fp32"}
+    env = cpu_mode.worker_env(config)
+    assert (env[cpu_mode.ENV_FLAG], env[cpu_mode.DTYPE_ENV]) == ("1", "fp32")
     notes = cpu_mode.adjust_config(config)
     assert config.actor_rollout_ref.actor.fsdp_config.mixed_precision.param_dtype == "fp32"
     assert config.actor_rollout_ref.ref.fsdp_config.model_dtype == "fp32"
@@ -261,3 +262,14 @@ def test_cpu_mode_computes_in_the_configured_dtype(dtype):
     for role in ("rollout", "compute_log_prob", "ref", "update_actor", "critic"):
         assert result[role] == want, (role, result)
     assert (result["torch_autocast"] == "torch.amp.autocast_mode") == (dtype == "bf16")
+
+
+def test_workers_compute_on_the_cores_shared_out_among_them(monkeypatch):
+    """Ray would force OMP_NUM_THREADS=1 in verl's workers (created without num_cpus): one worker on one core."""
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(cpu_mode.os, "cpu_count", lambda: 8)
+    for workers, threads in ((1, 8), (2, 4), (3, 2), (16, 1)):
+        config = main_ppo.compose_config(["trainer.device=cpu", f"trainer.n_gpus_per_node={workers}"])
+        assert cpu_mode.worker_env(config)["OMP_NUM_THREADS"] == str(threads)
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")  # the user's own setting wins
+    assert cpu_mode.worker_env(main_ppo.compose_config(["trainer.device=cpu"]))["OMP_NUM_THREADS"] == "3"

@@ -54,7 +54,7 @@ COMPACT_CHAT_TEMPLATE = (
 )
 
 
-def _publish_dir(build, out_dir: str | os.PathLike) -> Path:
+def publish_dir(build, out_dir: str | os.PathLike) -> Path:
     """Run ``build(tmp_dir)`` and rename the result to ``out_dir`` (atomic on one file system)."""
     out = Path(out_dir).expanduser().resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -94,7 +94,7 @@ def qwen25_tokenizer(out_dir: str | os.PathLike):
     tok = AutoTokenizer.from_pretrained(str(qwen_tokenizer_files()))
     tok.chat_template = QWEN25_CHAT_TEMPLATE
     tok.eos_token, tok.pad_token = IM_END, PAD_TOKEN
-    out = _publish_dir(tok.save_pretrained, out_dir)
+    out = publish_dir(tok.save_pretrained, out_dir)
     return AutoTokenizer.from_pretrained(str(out))
 
 
@@ -132,7 +132,7 @@ def train_bpe_tokenizer(texts: Iterable[str], out_dir: str | os.PathLike, vocab_
     tok = PreTrainedTokenizerFast(tokenizer_object=core, eos_token=IM_END, pad_token=PAD_TOKEN,
                                   additional_special_tokens=[IM_START], clean_up_tokenization_spaces=False)
     tok.chat_template = chat_template
-    out = _publish_dir(tok.save_pretrained, out_dir)
+    out = publish_dir(tok.save_pretrained, out_dir)
     return AutoTokenizer.from_pretrained(str(out))
 
 
@@ -167,4 +167,4 @@ def tiny_qwen2(out_dir: str | os.PathLike, tokenizer, hidden_size: int = 64, num
         gen.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
 
-    return _publish_dir(build, out_dir)
+    return publish_dir(build, out_dir)
