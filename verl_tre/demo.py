@@ -228,10 +228,12 @@ def step_line(name: str, record: dict, steps: int) -> str:
 
 
 class LiveLines:
-    """Prints each new step of a run record as it lands (polls the file; the trainer runs in Ray workers)."""
+    """Prints each new step of a run record as it lands (polls the file; the trainer runs in Ray workers).
+    ``line(name, record, steps)`` formats one step (default: the demo's :func:`step_line`)."""
 
-    def __init__(self, name: str, run_dir: Path, steps: int, stream):
+    def __init__(self, name: str, run_dir: Path, steps: int, stream, line=None):
         self.name, self.run_dir, self.steps, self.stream = name, run_dir, steps, stream
+        self.line = line or step_line
         self.shown = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
@@ -239,7 +241,7 @@ class LiveLines:
     def _emit(self) -> None:
         records = read_records(self.run_dir)
         for record in records[self.shown:]:
-            self.stream.write(step_line(self.name, record, self.steps) + "\n")
+            self.stream.write(self.line(self.name, record, self.steps) + "\n")
             self.stream.flush()
         self.shown = max(self.shown, len(records))
 

@@ -16,7 +16,7 @@ from typing import Any, Callable
 from omegaconf import DictConfig, OmegaConf
 
 TASKS = ("math", "countdown", "hh", "arithmetic")
-MODEL_SIZES = ("1.5b", "7b")
+MODEL_SIZES = ("1.5b", "7b", "135m")
 DEVICES = ("cuda", "cpu", "npu")
 # Estimators that normalise rewards within a group of rollouts of the same prompt: n = 1 gives zero advantages.
 GROUP_ESTIMATORS = ("grpo", "rloo", "grpo_passk", "opo", "reinforce_plus_plus_baseline")

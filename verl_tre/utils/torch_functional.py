@@ -46,6 +46,7 @@ __all__ = [
     "trust_region_stats",
     "entropy_terms",
     "fused_linear_entropy_terms",
+    "mass_outside",
 ]
 
 Mode = Literal["full", "top_k", "top_p"]
@@ -737,6 +738,34 @@ def trust_region_stats(
     if reference_top_p is not None:
         stats["nucleus_size"] = terms.nucleus_size
     return stats
+
+
+@torch.no_grad()
+def mass_outside(logits: torch.Tensor, tokens: torch.Tensor, chunk_rows: int = 256) -> torch.Tensor:
+    """Probability the softmax of each row puts outside a given set of token ids, for logging and studies.
+
+    Args:
+        logits: [N, V] (any float dtype; computed in fp32, fp64 for fp64 logits).
+        tokens: [N, k] int64 ids in [0, V) per row (repeats allowed; k = 0 gives mass 1).
+        chunk_rows: rows per chunk (bounds the fp32 temporaries to chunk_rows x V).
+
+    Returns:
+        [N] fp64 tensor in [0, 1]: summed from the outside tokens' own probabilities (the top tokens zeroed in a
+        copy), so a small mass keeps its relative precision (1 - mass inside would cancel). NaN for a row whose
+        logits are not finite.
+    """
+    if logits.dim() != 2 or tokens.dim() != 2 or tokens.shape[0] != logits.shape[0]:
+        raise ValueError(f"need logits [N, V] and tokens [N, k], got {tuple(logits.shape)} and {tuple(tokens.shape)}")
+    out = torch.empty(logits.shape[0], dtype=torch.float64, device=logits.device)
+    work = torch.promote_types(logits.dtype, torch.float32)
+    for start in range(0, logits.shape[0], chunk_rows):
+        z = logits[start : start + chunk_rows].to(work)
+        row_max = z.amax(dim=-1, keepdim=True)
+        e = torch.exp(z - row_max)
+        total = e.sum(dim=-1, dtype=torch.float64)
+        outside = e.scatter_(-1, tokens[start : start + chunk_rows], 0.0).sum(dim=-1, dtype=torch.float64)
+        out[start : start + z.shape[0]] = _nan_where(~torch.isfinite(row_max.squeeze(-1)), outside / total)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------------------
