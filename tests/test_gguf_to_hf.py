@@ -56,9 +56,13 @@ def test_converted_logits_equal_the_original_models(tiny, converted):
     torch.testing.assert_close(ours, theirs, rtol=0.0, atol=0.0)
 
 
-def test_end_of_turn_is_eos_and_pad(tiny, converted):
-    folder, _ = converted
-    raw, _ = gguf_to_hf._load_from_gguf(tiny[2], torch.float32)
+@pytest.mark.parametrize("file_eos", [IM_END, IM_START], ids=["smollm2_layout", "eos_opens_a_turn"])
+def test_end_of_turn_is_eos_and_pad(tiny, tmp_path, file_eos):
+    tokenizer, model, gguf = tiny
+    if file_eos != IM_END:
+        gguf = write_llama_gguf(model, tokenizer, tmp_path / "eos.gguf", eos_token=file_eos)
+    folder, _ = gguf_to_hf.convert(gguf, tmp_path / "hf")
+    raw, _ = gguf_to_hf._load_from_gguf(gguf, torch.float32)
     assert raw.eos_token == IM_START  # transformers' converter: the file's bos id, the token that opens a turn
     tokenizer = AutoTokenizer.from_pretrained(folder)
     end = tokenizer.convert_tokens_to_ids(IM_END)
@@ -72,14 +76,15 @@ def test_end_of_turn_is_eos_and_pad(tiny, converted):
 
 def test_generation_stops_at_the_end_of_the_turn(tiny, tmp_path):
     tokenizer = tiny[0]
-    folder, _ = gguf_to_hf.convert(write_llama_gguf(end_of_turn_model(tokenizer), tokenizer, tmp_path / "eot.gguf"),
-                                   tmp_path / "hf")
+    # A file whose eos opens a turn: unfixed, the folder's generation config would wait for <|im_start|>.
+    gguf = write_llama_gguf(end_of_turn_model(tokenizer), tokenizer, tmp_path / "eot.gguf", eos_token=IM_START)
+    folder, _ = gguf_to_hf.convert(gguf, tmp_path / "hf")
     model = AutoModelForCausalLM.from_pretrained(folder).eval()
     tokenizer = AutoTokenizer.from_pretrained(folder)
     prompt = tokenizer.apply_chat_template([{"role": "user", "content": "Name a prime."}], add_generation_prompt=True,
                                            return_tensors="pt")
     out = model.generate(prompt, max_new_tokens=8, do_sample=True)  # the folder's generation config: eos <|im_end|>
-    assert out[0, prompt.shape[1]:].tolist() == [tokenizer.eos_token_id]
+    assert out[0, prompt.shape[1]:].tolist() == [tokenizer.convert_tokens_to_ids(IM_END)]
 
 
 def test_tokenizer_matches_the_files_byte_level_bpe(tiny, converted):
