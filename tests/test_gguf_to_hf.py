@@ -48,7 +48,8 @@ def test_converted_logits_equal_the_original_models(tiny, converted):
     model = AutoModelForCausalLM.from_pretrained(folder).eval()
     assert model.config.tie_word_embeddings and model.config.vocab_size == len(tokenizer) == 300
     chat = tokenizer.apply_chat_template(list(gguf_to_hf.CHECK_MESSAGES[1]), add_generation_prompt=True)
-    batch = torch.cat([torch.tensor([chat]), torch.randint(0, len(tokenizer), (3, len(chat)))])
+    random_ids = torch.randint(0, len(tokenizer), (3, len(chat)), generator=torch.Generator().manual_seed(0))
+    batch = torch.cat([torch.tensor([chat]), random_ids])
     with torch.no_grad():
         ours, theirs = model(batch).logits, original(batch).logits
     # fp32 tensors and an exactly representable rms_norm_eps: the same arithmetic, bit for bit. A writer or loader
