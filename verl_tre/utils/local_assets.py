@@ -8,6 +8,8 @@ Nothing here touches a model hub. Three kinds of asset:
   special tokens and chat template; its small vocabulary keeps tiny models fast.
 - ``tiny_qwen2(dir, tokenizer)``: a randomly initialised Qwen2 causal LM built from a config and saved next to
   its tokenizer, i.e. a directory verl's ``actor_rollout_ref.model.path`` (and the critic's) can point at.
+  ``tiny_llama(dir, tokenizer)`` does the same for the Llama architecture, shaped like SmolLM2 (tied embeddings,
+  grouped-query attention, a vocabulary exactly the tokenizer's size).
 
 Every writer builds the directory under a temporary name and renames it into place, so a crash never leaves
 a half-written asset that a later run would mistake for a finished one.
@@ -136,6 +138,26 @@ def train_bpe_tokenizer(texts: Iterable[str], out_dir: str | os.PathLike, vocab_
     return AutoTokenizer.from_pretrained(str(out))
 
 
+def _check_heads(hidden_size: int, num_heads: int, num_kv_heads: int) -> None:
+    if hidden_size % num_heads or num_heads % num_kv_heads:
+        raise ValueError(f"hidden_size={hidden_size} must be divisible by num_heads={num_heads}, "
+                         f"and num_heads by num_kv_heads={num_kv_heads}.")
+
+
+def _save_causal_lm(model, tokenizer, out_dir: str | os.PathLike) -> Path:
+    """Publish ``model`` (fp32 safetensors), a generation config stopping at the tokenizer's eos, and ``tokenizer``."""
+    from transformers import GenerationConfig
+
+    gen = GenerationConfig(eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+
+    def build(tmp: Path) -> None:
+        model.save_pretrained(tmp, safe_serialization=True)
+        gen.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+
+    return publish_dir(build, out_dir)
+
+
 def tiny_qwen2(out_dir: str | os.PathLike, tokenizer, hidden_size: int = 64, num_layers: int = 2,
                num_heads: int = 4, num_kv_heads: int = 2, intermediate_size: int = 128,
                max_position_embeddings: int = 1024, seed: int = 0, model=None) -> Path:
@@ -146,12 +168,10 @@ def tiny_qwen2(out_dir: str | os.PathLike, tokenizer, hidden_size: int = 64, num
     ``AutoModelForCausalLM`` / ``AutoModelForTokenClassification`` (the critic).
     """
     import torch
-    from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
+    from transformers import Qwen2Config, Qwen2ForCausalLM
 
     if model is None:
-        if hidden_size % num_heads or num_heads % num_kv_heads:
-            raise ValueError(f"hidden_size={hidden_size} must be divisible by num_heads={num_heads}, "
-                             f"and num_heads by num_kv_heads={num_kv_heads}.")
+        _check_heads(hidden_size, num_heads, num_kv_heads)
         config = Qwen2Config(
             vocab_size=-(-len(tokenizer) // 8) * 8, hidden_size=hidden_size, intermediate_size=intermediate_size,
             num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=num_kv_heads,
@@ -160,11 +180,38 @@ def tiny_qwen2(out_dir: str | os.PathLike, tokenizer, hidden_size: int = 64, num
         )
         torch.manual_seed(seed)
         model = Qwen2ForCausalLM(config)
-    gen = GenerationConfig(eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    return _save_causal_lm(model, tokenizer, out_dir)
 
-    def build(tmp: Path) -> None:
-        model.save_pretrained(tmp, safe_serialization=True)
-        gen.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
 
-    return publish_dir(build, out_dir)
+# A power of two: exact in the fp32 a GGUF stores it in, so a model written to GGUF and read back computes
+# bit-identical logits (SmolLM2's 1e-5 is not).
+LLAMA_RMS_NORM_EPS = 2.0**-17
+
+
+def tiny_llama_model(vocab_size: int, hidden_size: int = 32, num_layers: int = 2, num_heads: int = 4,
+                     num_kv_heads: int = 2, intermediate_size: int = 64, max_position_embeddings: int = 1024,
+                     seed: int = 0, eos_token_id=None, pad_token_id=None, initializer_range: float = 0.02):
+    """A random LlamaForCausalLM with tied embeddings over exactly ``vocab_size`` tokens (not rounded up: SmolLM2's
+    vocabulary is its tokenizer's 49,152), SDPA attention, fp32."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    _check_heads(hidden_size, num_heads, num_kv_heads)
+    config = LlamaConfig(
+        vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=intermediate_size,
+        num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=num_kv_heads,
+        max_position_embeddings=max_position_embeddings, rms_norm_eps=LLAMA_RMS_NORM_EPS, tie_word_embeddings=True,
+        initializer_range=initializer_range, attn_implementation="sdpa",
+        bos_token_id=None, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
+    )
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(config)
+
+
+def tiny_llama(out_dir: str | os.PathLike, tokenizer, model=None, **shape) -> Path:
+    """Save a Llama causal LM (``tiny_llama_model(len(tokenizer), **shape)``, or ``model`` if given) with
+    ``tokenizer`` to ``out_dir``; loadable like tiny_qwen2's folders (policy and critic)."""
+    if model is None:
+        model = tiny_llama_model(len(tokenizer), eos_token_id=tokenizer.eos_token_id,
+                                 pad_token_id=tokenizer.pad_token_id, **shape)
+    return _save_causal_lm(model, tokenizer, out_dir)
