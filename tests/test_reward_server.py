@@ -6,6 +6,7 @@ References are independent of the server's code: transformers' own sequence-clas
 
 from __future__ import annotations
 
+import gzip
 import os
 import random
 import signal
@@ -213,7 +214,11 @@ def test_encoder_with_multibyte_text_and_a_template_that_rewrites_content(refere
 
 BAD_REQUESTS = [
     ("malformed JSON", dict(content=b'{"prompts": ["a"], "responses": '), 422, "Invalid JSON"),
-    ("not UTF-8", dict(content=b'{"prompts": ["\xff\xfe"], "responses": ["b"]}'), 422, "malformed request"),
+    ("not UTF-8", dict(content=b'{"prompts": ["\xff\xfe"], "responses": ["b"]}'), 422, "invalid unicode"),
+    ("lone surrogate", dict(content=b'{"prompts": ["\\ud800"], "responses": ["b"]}'), 422, "invalid unicode"),
+    ("lone low surrogate", dict(content=b'{"prompts": ["a\\udc00b"], "responses": ["b"]}'), 422, "invalid unicode"),
+    ("gzip body", dict(content=gzip.compress(b'{"prompts": ["a"], "responses": ["b"]}'),
+                       headers={"Content-Encoding": "gzip"}), 415, "Content-Encoding 'gzip' is not supported"),
     ("a list, not an object", dict(json=[["a"], ["b"]]), 422, "expected a JSON object"),
     ("missing responses", dict(json={"prompts": ["a"]}), 422, "responses"),
     ("unknown field", dict(json={"prompts": ["a"], "responses": ["b"], "response": ["c"]}), 422, "response"),
@@ -225,6 +230,8 @@ BAD_REQUESTS = [
     ("string instead of list", dict(json={"prompts": "a", "responses": "b"}), 422, "prompts"),
     ("deeply nested JSON", dict(content=b"[" * 100_000 + b"]" * 100_000), 422, "malformed request"),
     ("too many items", dict(json={"prompts": ["a"] * 9, "responses": ["b"] * 9}), 413, "max_items=8"),
+    ("too many strings", dict(content=b'{"prompts": [' + b'"",' * 99_999 + b'""], "responses": ["b"]}'), 413,
+     "holds 100003 strings, more than 2 x max_items=8"),
     ("too many characters", dict(json={"prompts": ["a" * 3000], "responses": ["b" * 1001]}), 413, "max_chars=4000"),
     ("oversized body", dict(content=b" " * (12 * 4000 + (1 << 20) + 1)), 413, "max_body_bytes"),
     ("oversized chunked body", dict(content=iter([b" " * 700_000] * 2)), 413, "max_body_bytes"),

@@ -8,6 +8,7 @@ prompt is gone does the head of the response go. The end of a response is never 
 
 from __future__ import annotations
 
+import copy
 import threading
 from dataclasses import dataclass
 
@@ -59,6 +60,10 @@ class PairEncoder:
                 f"max_length={max_length} leaves under 16 tokens for content after the chat template's "
                 f"{overhead} tokens; raise --max-length"
             )
+
+    def copy(self) -> "PairEncoder":
+        """An encoder on its own copy of the tokenizer (one that can run while this one does)."""
+        return type(self)(copy.deepcopy(self.tokenizer), self.max_length)
 
     def _render(self, prompt: str, response: str) -> str:
         return self.tokenizer.apply_chat_template(_conversation(prompt, response), tokenize=False)
