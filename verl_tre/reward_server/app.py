@@ -105,7 +105,7 @@ class _State:
     tokenizer: FairTokenizer | None = None
     error: str | None = None
     stopping: bool = False
-    jobs: IdempotencyCache | None = None
+    jobs: IdempotencyCache = field(init=False)
     refused: OrderedDict = field(default_factory=OrderedDict)  # Idempotency-Keys refused as overloaded
     served: dict[str, int] = field(default_factory=lambda: {
         "requests": 0, "items": 0, "truncated_items": 0, "deduplicated": 0, "cancelled": 0, "rejected": 0})
@@ -371,12 +371,12 @@ def create_app(
         try:
             rewards = waiting.result()
         except ShuttingDown as exc:
-            if key:
-                state.jobs.drop(key)
+            if entry is not None:
+                state.jobs.drop(key, entry)
             raise _busy(str(exc), 2) from None
         except Exception as exc:
-            if key:
-                state.jobs.drop(key)
+            if entry is not None:
+                state.jobs.drop(key, entry)
             raise HTTPException(500, f"scoring failed: {type(exc).__name__}: {exc}") from None
         if not all(math.isfinite(r) for r in rewards):
             raise HTTPException(500, "the reward model produced a non-finite reward; check the model and --dtype")

@@ -107,7 +107,7 @@ class IdempotencyCache:
         """Admission failed: waiting duplicates get ``error``, and the key is free for a new try."""
         entry.error = error
         entry._admission_over()
-        self.drop(key)
+        self.drop(key, entry)
 
     def answered(self, key: str, entry: Entry, answer: bytes) -> None:
         """Keep the answer in place of the job."""
@@ -119,9 +119,10 @@ class IdempotencyCache:
         """The entry's job was cancelled or finished: recount it."""
         self._resize(key, entry)
 
-    def drop(self, key: str) -> None:
-        entry = self._entries.pop(key, None)
-        if entry is not None:
+    def drop(self, key: str, entry: Entry) -> None:
+        """Forget ``entry`` (not a newer entry of the same key)."""
+        if self._entries.get(key) is entry:
+            del self._entries[key]
             self.bytes -= entry.size
 
     def _resize(self, key: str, entry: Entry) -> None:
@@ -144,8 +145,8 @@ class IdempotencyCache:
                 if not entry.settled:
                     continue
                 if self.bytes > self.max_bytes or now - entry.created >= self.ttl_s:
-                    victim = key
+                    victim = key, entry
                 break
             if victim is None:
                 return
-            self.drop(victim)
+            self.drop(*victim)

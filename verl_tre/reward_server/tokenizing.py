@@ -4,10 +4,10 @@ A request's pairs are tokenized in pieces of at most ``piece_chars`` characters 
 text), and the pieces of concurrent requests take turns in arrival order: a small request waits for at most
 one piece of a big one, not for all of it. A single pair longer than ``piece_chars`` (truncation will cut
 most of it, but its tokens cannot be computed in parts without changing them) is tokenized alone in a second
-lane with its own copy of the tokenizer, so it holds up only other such pairs; bodies too big to decode in
-passing are decoded in that lane too. Everything runs in worker threads (the Rust tokenizer releases the
-GIL), one piece per lane at a time, which also bounds memory: a piece's temporary encodings (hundreds of
-bytes per token) are freed before the next piece starts.
+lane, so it holds up only other such pairs; bodies too big to decode in passing are decoded in that lane
+too. Everything runs in worker threads (the Rust tokenizer releases the GIL and encodes from several
+threads at once), one piece per lane at a time, which also bounds memory: a piece's temporary encodings
+(hundreds of bytes per token) are freed before the next piece starts.
 """
 
 from __future__ import annotations
@@ -22,13 +22,14 @@ T = TypeVar("T")
 
 
 class FairTokenizer:
-    """Two lanes, each a tokenizer and a first-come-first-served turn (asyncio.Lock wakes waiters in order
-    and lets no one jump the queue)."""
+    """One encoder, two lanes, each a first-come-first-served turn (asyncio.Lock wakes waiters in order and
+    lets no one jump the queue)."""
 
     def __init__(self, encoder: PairEncoder, piece_chars: int):
+        self.encoder = encoder
         self.piece_chars = piece_chars
-        self._regular = (encoder, asyncio.Lock())
-        self._bulk = (encoder.copy(), asyncio.Lock())
+        self._regular = asyncio.Lock()
+        self._bulk = asyncio.Lock()
 
     def pieces(self, prompts: list[str], responses: list[str]) -> Iterator[tuple[int, int, bool]]:
         """(start, stop, bulk) slices in order: consecutive pairs within ``piece_chars`` characters together,
@@ -53,12 +54,11 @@ class FairTokenizer:
         """PairEncoder.encode of all pairs, in order, piece by piece."""
         encoded: list[Encoded] = []
         for start, stop, bulk in self.pieces(prompts, responses):
-            encoder, turn = self._bulk if bulk else self._regular
-            async with turn:
-                encoded += await asyncio.to_thread(encoder.encode, prompts[start:stop], responses[start:stop])
+            async with self._bulk if bulk else self._regular:
+                encoded += await asyncio.to_thread(self.encoder.encode, prompts[start:stop], responses[start:stop])
         return encoded
 
     async def in_bulk_lane(self, fn: Callable[..., T], *args) -> T:
         """``fn(*args)`` in a worker thread, in turn with the bulk lane's pairs (for decoding big bodies)."""
-        async with self._bulk[1]:
+        async with self._bulk:
             return await asyncio.to_thread(fn, *args)
