@@ -231,6 +231,30 @@ def summary(name: str, recorder: Recorder, wall: float) -> dict:
     return row
 
 
+def check_compare_with(p: argparse.ArgumentParser, sources: list[Path]) -> None:
+    """An argparse error for a --compare-with folder that holds no reward server."""
+    for source in sources:
+        if not (source / "verl_tre" / "reward_server" / "__main__.py").is_file():
+            p.error(f"--compare-with {source}: no verl_tre/reward_server there; extract a checkout into it, e.g. "
+                    f"git archive COMMIT | tar -x -C {source}")
+
+
+def compared_servers(model: Path, tmp: Path, args) -> list[Server]:
+    """The servers of the --compare-with checkouts, then this checkout's (not started)."""
+    return [Server(model, tmp / f"server{i}.log", args.server_args.split(), source.resolve())
+            for i, source in enumerate([*args.compare_with, REPO])]
+
+
+def run_on_each(servers: list[Server], names: list[str], run: Callable[[str, Server], dict]) -> list[dict]:
+    """``run(name, server)`` for each name on every server back to back; the rows, each printed as it comes."""
+    rows = []
+    for name in names:
+        for server in servers:
+            rows.append(run(name, server))
+            print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
 # The latency columns of each scenario's table row: (first kind, second kind).
 TABLE_KINDS = {"short": ("short", None), "short+long": ("short", "long"), "mixed": ("mixed", None),
                "overload": ("overload", None), "restart": ("restart", None), "keepalive": ("tiny", "batch")}
@@ -308,26 +332,18 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--output", type=Path, help="write the results as JSON here")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
-    for source in args.compare_with:
-        if not (source / "verl_tre" / "reward_server" / "__main__.py").is_file():
-            p.error(f"--compare-with {source}: no verl_tre/reward_server there; extract a checkout into it, e.g. "
-                    f"git archive COMMIT | tar -x -C {source}")
+    check_compare_with(p, args.compare_with)
 
-    results = []
     with tempfile.TemporaryDirectory() as tmp:
         model = args.model or build_tiny_reward_model(Path(tmp) / "tiny_rm")
-        servers = [Server(model, Path(tmp) / f"server{i}.log", args.server_args.split(), source.resolve())
-                   for i, source in enumerate([*args.compare_with, REPO])]
+        servers = compared_servers(model, Path(tmp), args)
         try:
             for server in servers:
                 health = server.start()
                 run_clients([("short", lambda rng: [short_pair(rng) for _ in range(args.short_items)], False)],
                             f"{server.base}/predict", 3.0, Recorder(), args.seed)  # warm-up
-            for name in args.scenarios:
-                for server in servers:
-                    row = run_scenario(name, server, args, Recorder(keep=name in ("overload", "restart")))
-                    results.append(row)
-                    print(json.dumps(row), flush=True)
+            results = run_on_each(servers, args.scenarios, lambda name, server: run_scenario(
+                name, server, args, Recorder(keep=name in ("overload", "restart"))))
         finally:
             for server in servers:
                 server.close()

@@ -32,7 +32,7 @@ import uuid
 from pathlib import Path
 
 import httpx
-from bench_reward_server import REPO, Server, text
+from bench_reward_server import Server, check_compare_with, compared_servers, run_on_each, text
 
 from verl_tre.reward_server.tiny import build_tiny_reward_model
 
@@ -144,18 +144,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
         if kind not in ("keyed", "unkeyed", "emoji", "empty", "four", "emoji-four") or (
                 kind not in ("keyed", "unkeyed") and not size.replace(".", "", 1).isdigit()):
             p.error(f"--cases {case}: use keyed, unkeyed, emoji:N, empty:N, four:MB or emoji-four:N")
+    check_compare_with(p, args.compare_with)
 
-    results = []
     with tempfile.TemporaryDirectory() as tmp:
         model = args.model or build_tiny_reward_model(Path(tmp) / "tiny_rm")
-        servers = [Server(model, Path(tmp) / f"server{i}.log", args.server_args.split(), source.resolve())
-                   for i, source in enumerate([*args.compare_with, REPO])]
+        servers = compared_servers(model, Path(tmp), args)
         try:
-            for case in args.cases:
-                for server in servers:
-                    row = run_case(case, server, args)
-                    results.append(row)
-                    print(json.dumps(row), flush=True)
+            results = run_on_each(servers, args.cases, lambda case, server: run_case(case, server, args))
         finally:
             for server in servers:
                 server.close()
@@ -164,7 +159,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     print(f"{'case':>18} {'server':>12} {'idle MB':>8} {'growth MB':>9} {'peak+ MB':>9} {'s':>6}  answers")
     for r in results:
         answers = r.get("answers") or [f"failed {r.get('failed')}, cache {r.get('idempotency_cache')}"]
-        print(f"{r['case']:>18} {r['server']:>12} {r['idle_rss_mb']:>8.0f} {r.get('rss_growth_mb', float('nan')):>9.0f} "
+        growth = r.get("rss_growth_mb", float("nan"))
+        print(f"{r['case']:>18} {r['server']:>12} {r['idle_rss_mb']:>8.0f} {growth:>9.0f} "
               f"{r['peak_over_idle_mb']:>9.0f} {r['seconds']:>6.1f}  {'; '.join(sorted(set(answers)))[:120]}")
     if args.output:
         args.output.write_text(json.dumps(results, indent=2))

@@ -205,7 +205,8 @@ def test_a_socks_proxy_without_its_package_is_a_clear_error(monkeypatch):
         monkeypatch.setenv(name, "socks5://127.0.0.1:9")
     for name in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY"):
         monkeypatch.delenv(name, raising=False)
-    with pytest.raises(RewardServerError, match=r"proxy set in the environment .*socksio.*httpx\[socks\].*NO_PROXY=10\.1\.2\.3"):
+    with pytest.raises(RewardServerError,
+                       match=r"proxy set in the environment .*socksio.*httpx\[socks\].*NO_PROXY=10\.1\.2\.3"):
         score_batch(["p"], ["r"], url="http://10.1.2.3:8888/predict", **FAST)
     with pytest.raises(RewardServerError, match="socksio"):
         check_reward_server("http://10.1.2.3:8888/predict")
