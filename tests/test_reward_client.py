@@ -198,6 +198,20 @@ def test_any_string_is_sent_lone_surrogates_as_u_fffd(scripted, text):
     assert _utf8_safe("plain") == "plain"
 
 
+def test_a_socks_proxy_without_its_package_is_a_clear_error(monkeypatch):
+    """httpx needs socksio for a socks5 ALL_PROXY; without it the client says so (not a raw ImportError)."""
+    monkeypatch.setitem(sys.modules, "socksio", None)  # as if it were not installed
+    for name in ("all_proxy", "ALL_PROXY"):
+        monkeypatch.setenv(name, "socks5://127.0.0.1:9")
+    for name in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(RewardServerError,
+                       match=r"proxy set in the environment .*socksio.*httpx\[socks\].*NO_PROXY=10\.1\.2\.3"):
+        score_batch(["p"], ["r"], url="http://10.1.2.3:8888/predict", **FAST)
+    with pytest.raises(RewardServerError, match="socksio"):
+        check_reward_server("http://10.1.2.3:8888/predict")
+
+
 def test_loopback_detection():
     assert all(is_loopback(u) for u in ["http://127.0.0.1:1/p", "http://localhost/p", "http://[::1]:8/p",
                                         "http://127.8.9.1/p"])

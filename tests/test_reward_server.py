@@ -6,6 +6,7 @@ References are independent of the server's code: transformers' own sequence-clas
 
 from __future__ import annotations
 
+import gzip
 import os
 import random
 import signal
@@ -211,9 +212,54 @@ def test_encoder_with_multibyte_text_and_a_template_that_rewrites_content(refere
             assert (enc.response_tokens_dropped > 0) == response_cut
 
 
+def test_encoder_encodes_from_several_threads_at_once(reference):
+    """Lanes of the server share one encoder; concurrent encodes (the GIL released in the Rust tokenizer)
+    neither fail nor mix their results up."""
+    encoder = PairEncoder(reference.tokenizer, 96)
+    batches = [([f"prompt {t} {i} " + "word " * (5 + 40 * (i % 3)) for i in range(30)], [f"reply {t}"] * 30)
+               for t in range(4)]
+    expected = [[e.ids for e in encoder.encode(*batch)] for batch in batches]
+    got, errors = [None] * 4, []
+
+    def run(t):
+        try:
+            for _ in range(5):
+                got[t] = [e.ids for e in encoder.encode(*batches[t])]
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(t,)) for t in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not errors and got == expected
+
+
+def test_encoder_ignores_truncation_saved_with_the_tokenizer(model_dir, reference, tmp_path):
+    """A tokenizer.json saved with truncation on: the encoder still sees every token (and does its own cut),
+    and the caller's tokenizer is left as it was."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer.backend_tokenizer.enable_truncation(16)
+    tokenizer.save_pretrained(tmp_path)
+    truncating = AutoTokenizer.from_pretrained(tmp_path)
+    assert truncating.backend_tokenizer.truncation["max_length"] == 16
+    prompt, response = "a prompt of several words " * 3, "and a response"
+    [enc] = PairEncoder(truncating, 64).encode([prompt], [response])
+    [plain] = PairEncoder(reference.tokenizer, 64).encode([prompt], [response])
+    assert enc == plain and len(enc.ids) > 16
+    assert truncating.backend_tokenizer.truncation["max_length"] == 16
+
+
 BAD_REQUESTS = [
     ("malformed JSON", dict(content=b'{"prompts": ["a"], "responses": '), 422, "Invalid JSON"),
-    ("not UTF-8", dict(content=b'{"prompts": ["\xff\xfe"], "responses": ["b"]}'), 422, "malformed request"),
+    ("not UTF-8", dict(content=b'{"prompts": ["\xff\xfe"], "responses": ["b"]}'), 422, "invalid unicode"),
+    ("lone surrogate", dict(content=b'{"prompts": ["\\ud800"], "responses": ["b"]}'), 422, "invalid unicode"),
+    ("lone low surrogate", dict(content=b'{"prompts": ["a\\udc00b"], "responses": ["b"]}'), 422, "invalid unicode"),
+    ("gzip body", dict(content=gzip.compress(b'{"prompts": ["a"], "responses": ["b"]}'),
+                       headers={"Content-Encoding": "gzip"}), 415, "Content-Encoding 'gzip' is not supported"),
     ("a list, not an object", dict(json=[["a"], ["b"]]), 422, "expected a JSON object"),
     ("missing responses", dict(json={"prompts": ["a"]}), 422, "responses"),
     ("unknown field", dict(json={"prompts": ["a"], "responses": ["b"], "response": ["c"]}), 422, "response"),
@@ -225,6 +271,8 @@ BAD_REQUESTS = [
     ("string instead of list", dict(json={"prompts": "a", "responses": "b"}), 422, "prompts"),
     ("deeply nested JSON", dict(content=b"[" * 100_000 + b"]" * 100_000), 422, "malformed request"),
     ("too many items", dict(json={"prompts": ["a"] * 9, "responses": ["b"] * 9}), 413, "max_items=8"),
+    ("too many strings", dict(content=b'{"prompts": [' + b'"",' * 99_999 + b'""], "responses": ["b"]}'), 413,
+     "holds 100003 strings, more than 2 x max_items=8"),
     ("too many characters", dict(json={"prompts": ["a" * 3000], "responses": ["b" * 1001]}), 413, "max_chars=4000"),
     ("oversized body", dict(content=b" " * (12 * 4000 + (1 << 20) + 1)), 413, "max_body_bytes"),
     ("oversized chunked body", dict(content=iter([b" " * 700_000] * 2)), 413, "max_body_bytes"),

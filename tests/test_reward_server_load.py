@@ -15,96 +15,23 @@ import subprocess
 import sys
 import threading
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
 import pytest
-import uvicorn
+from reward_server_fixtures import (TOKEN, SlowScorer, body, fake_loader, health, model_dir, pairs,  # noqa: F401
+                                    running, tokenizer)
 
 from verl_tre.reward_server.__main__ import main as server_main, parse_args
-from verl_tre.reward_server.app import Loaded, create_app, load_model
+from verl_tre.reward_server.app import create_app, load_model
 from verl_tre.reward_server.background import free_port
 from verl_tre.reward_server.encoding import PairEncoder
-from verl_tre.reward_server.serve import RewardServer
 from verl_tre.reward_server.settings import ServerSettings
-from verl_tre.reward_server.tiny import build_tiny_reward_model
 from verl_tre.utils.reward_score.hh import RewardServerError, score_batch
 
 REPO = Path(__file__).resolve().parents[1]
-TOKEN = "load-test-token"
 DEAD_PROXY = "http://127.0.0.1:9"
 SMALL = dict(max_length=64, batch_tokens=64, chunk_tokens=64)
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    return build_tiny_reward_model(tmp_path_factory.mktemp("rm") / "tiny_rm")
-
-
-@pytest.fixture(scope="module")
-def tokenizer(model_dir):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(model_dir)
-
-
-class SlowScorer:
-    """Sleeps ``delay_s`` per forward pass; reward = number of tokens; counts every row it scores."""
-
-    def __init__(self, delay_s: float):
-        self.delay_s = delay_s
-        self.rows = 0
-        self.lock = threading.Lock()
-
-    def score(self, batch):
-        time.sleep(self.delay_s)
-        with self.lock:
-            self.rows += len(batch)
-        return [float(len(ids)) for ids in batch]
-
-
-def fake_loader(tokenizer, scorer, delay_s: float = 0.0):
-    def load(settings):
-        time.sleep(delay_s)
-        return Loaded(PairEncoder(tokenizer, settings.max_length), [scorer], ["cpu"], "float32")
-    return load
-
-
-@contextmanager
-def running(settings: ServerSettings, wait_ready: bool = True, **app_kwargs):
-    """A real uvicorn RewardServer on a thread (not waiting for the model unless ``wait_ready``)."""
-    app = create_app(settings, **app_kwargs)
-    server = RewardServer(app, uvicorn.Config(app, host="127.0.0.1", port=settings.port, log_level="warning",
-                                              access_log=False, timeout_graceful_shutdown=settings.shutdown_grace_s))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    base = f"http://127.0.0.1:{settings.port}"
-    try:
-        deadline = time.monotonic() + 60
-        while not server.started:
-            assert time.monotonic() < deadline and thread.is_alive(), "server did not start"
-            time.sleep(0.05)
-        while wait_ready and httpx.get(f"{base}/health", timeout=10).status_code != 200:
-            assert time.monotonic() < deadline, "server not ready"
-            time.sleep(0.05)
-        server.base = base
-        yield server
-    finally:
-        server.should_exit = True
-        thread.join(timeout=60)
-
-
-def pairs(n: int, words: int = 12):
-    return [f"question {i} " + "word " * words for i in range(n)], [f"answer {i}" for i in range(n)]
-
-
-def body(prompts, responses):
-    return {"prompts": prompts, "responses": responses}
-
-
-def health(base):
-    return httpx.get(f"{base}/health", headers={"Authorization": f"Bearer {TOKEN}"}, timeout=10).json()
 
 
 def test_work_of_a_client_that_left_is_dropped(model_dir, tokenizer):
@@ -285,6 +212,11 @@ def test_openapi_documents_the_predict_body(model_dir, tokenizer):
     assert schema["required"] == ["prompts", "responses"]
     assert schema["properties"]["prompts"] == {"items": {"type": "string"}, "title": "Prompts", "type": "array"}
     assert any(p["name"] == "Idempotency-Key" for p in operation["parameters"])
+    responses = operation["responses"]
+    assert {"200", "401", "409", "413", "415", "422", "500", "503"} <= set(responses)
+    assert "Retry-After" in responses["503"]["headers"]
+    assert responses["413"]["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/ErrorDetail"}
+    assert "rewards" in app.openapi()["components"]["schemas"]["PredictAnswer"]["properties"]
 
 
 def test_an_empty_token_means_no_auth(model_dir, monkeypatch):

@@ -2,8 +2,9 @@
 
 Start it with ``python -m verl_tre.reward_server --model DIR`` (or experiments/hh/reward/run_with_server.sh);
 check it with ``python -m verl_tre.reward_server.check [URL]``. Modules: settings (validated options), app (the
-HTTP API, idempotency, back-pressure), batching (length-aware batches, chunked long pairs), replicas (the model
-per device), encoding (chat template and truncation), serve (binding and stopping), background (in-process).
+HTTP API, back-pressure), payload (reading and checking bodies), idempotency (what retries get), tokenizing
+(tokenizer turns), batching (length-aware batches, chunked long pairs), replicas (the model per device),
+encoding (chat template and truncation), serve (binding and stopping), background (in-process).
 """
 
 from .settings import ServerSettings

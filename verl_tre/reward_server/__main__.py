@@ -28,7 +28,8 @@ def parse_args(argv: list[str] | None = None) -> ServerSettings:
     p.add_argument("--token", default=os.environ.get(TOKEN_ENV) or None,
                    help=f"require 'Authorization: Bearer TOKEN' on /predict (default: ${TOKEN_ENV}, else none; "
                         "'' means none)")
-    for name in ("max_items", "max_chars", "max_length", "batch_tokens", "chunk_tokens", "max_queue_tokens"):
+    for name in ("max_items", "max_chars", "max_length", "batch_tokens", "chunk_tokens", "max_queue_tokens",
+                 "idempotency_cache_bytes"):
         p.add_argument("--" + name.replace("_", "-"), type=int, default=defaults[name].default,
                        help=f"{defaults[name].description} (default %(default)s)")
     p.add_argument("--devices", default="auto", help=defaults["devices"].description)

@@ -2,15 +2,18 @@
 
 Protocol: ``POST /predict {"prompts": [str], "responses": [str]}`` (``Content-Type: application/json``) ->
 ``200 {"rewards": [float], "truncation": {...}}`` in input order. An ``Idempotency-Key`` header makes retries
-safe: a request with the key of one still being scored waits for that work instead of repeating it, and
-one already answered (within ``IDEMPOTENCY_TTL_S``) gets the same answer again.
+safe: a request with the key of one still being read or scored waits for that work and gets its answer (the
+pairs are scored once), and one already answered gets the same answer again while it is kept
+(``IDEMPOTENCY_TTL_S``, within ``idempotency_cache_bytes``; see idempotency.py).
 
 Errors, each with a JSON ``detail`` that names the problem and the fix: 401 wrong or missing bearer token
-(when one is set), 409 an Idempotency-Key reused for a different body, 413 over a limit, 415 not JSON, 422
-malformed, 503 with ``Retry-After`` while the model loads, when the queue is full (over
-``max_queue_tokens``; twice that for the retry of a request refused before) or while the server stops, 500
-if loading or scoring failed. The model loads in the
-background so /health answers at once. A request whose client disconnects is dropped from the queue.
+(when one is set), 409 an Idempotency-Key reused for a different body, 413 over a limit (``max_body_bytes``,
+``max_items``, ``max_chars``: size and item count are checked before the body is decoded), 415 not JSON or
+compressed, 422 malformed (invalid unicode named as such), 503 with ``Retry-After`` while the model loads,
+when the queue is full (over ``max_queue_tokens``; twice that for the retry of a request refused before) or
+while the server stops, 500 if loading or scoring failed. The model loads in the background so /health
+answers at once. A request whose client disconnects is dropped from the queue. Decoding and tokenizing run
+in worker threads, in turns (tokenizing.py), so a big request does not stall the others.
 """
 
 from __future__ import annotations
@@ -18,38 +21,49 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import ipaddress
+import json
 import logging
 import math
 import secrets
-import time
 from collections import OrderedDict
 from collections.abc import Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
-from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi import Depends, FastAPI, HTTPException, Request, Response
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from pydantic import BaseModel, ConfigDict, StrictStr, ValidationError
 
 from .batching import Job, LengthAwareBatcher, ShuttingDown
 from .encoding import PairEncoder
+from .idempotency import Entry, IdempotencyCache
+from .payload import (ErrorDetail, PredictAnswer, PredictRequest, check_headers, check_items_before_decoding,
+                      parse_request, read_body)
 from .settings import ServerSettings
+from .tokenizing import FairTokenizer
 
 log = logging.getLogger(__name__)
 
-PROTOCOL_HINT = 'expected a JSON object {"prompts": [str, ...], "responses": [str, ...]} with one response per prompt'
 IDEMPOTENCY_TTL_S = 600.0
-IDEMPOTENCY_MAX_JOBS = 4096
+REFUSED_KEYS_KEPT = 4096  # keys of requests refused as overloaded, remembered to let their retries in
 
 
-class PredictRequest(BaseModel):
-    """The /predict body: one response per prompt, in order."""
+def _error(description: str, **extra) -> dict:
+    return {"model": ErrorDetail, "description": description, **extra}
 
-    model_config = ConfigDict(extra="forbid")
 
-    prompts: list[StrictStr]
-    responses: list[StrictStr]
+PREDICT_RESPONSES = {
+    200: {"model": PredictAnswer, "description": "One reward per pair, in input order."},
+    401: _error("Missing or wrong bearer token (only when the server has one)."),
+    409: _error("The Idempotency-Key was used before for a different body."),
+    413: _error("Over max_body_bytes, max_items or max_chars (the detail names the limit)."),
+    415: _error("Not JSON, or compressed (Content-Encoding is not supported)."),
+    422: _error("Malformed: not the protocol, invalid JSON, invalid unicode, or a bad Idempotency-Key."),
+    500: _error("Loading the model or scoring failed."),
+    503: _error("The model is loading, the queue is full, or the server is stopping: retry.",
+                headers={"Retry-After": {"description": "seconds to wait before retrying",
+                                         "schema": {"type": "integer"}}}),
+}
 
 
 @dataclass
@@ -83,46 +97,21 @@ def load_model(settings: ServerSettings) -> Loaded:
     return Loaded(encoder, scorers, [str(d) for d in devices], dtype)
 
 
-class _Jobs:
-    """Jobs by Idempotency-Key with the body's hash; finished or abandoned ones expire ``IDEMPOTENCY_TTL_S``
-    after they were created, and the oldest go beyond ``IDEMPOTENCY_MAX_JOBS``."""
-
-    def __init__(self):
-        self._jobs: OrderedDict[str, tuple[str, Job, float]] = OrderedDict()
-
-    def get(self, key: str) -> tuple[str, Job] | None:
-        self._expire()
-        entry = self._jobs.get(key)
-        return None if entry is None else entry[:2]
-
-    def put(self, key: str, fingerprint: str, job: Job) -> None:
-        self._jobs[key] = (fingerprint, job, time.monotonic())
-        self._expire()
-
-    def drop(self, key: str) -> None:
-        self._jobs.pop(key, None)
-
-    def _expire(self) -> None:
-        now = time.monotonic()
-        while self._jobs:
-            key, (_, job, created) = next(iter(self._jobs.items()))
-            settled = job.finished or job.cancelled  # a job still being scored is kept
-            if len(self._jobs) <= IDEMPOTENCY_MAX_JOBS and (not settled or now - created < IDEMPOTENCY_TTL_S):
-                break
-            self._jobs.popitem(last=False)
-
-
 @dataclass
 class _State:
     settings: ServerSettings
     loaded: Loaded | None = None
     batcher: LengthAwareBatcher | None = None
+    tokenizer: FairTokenizer | None = None
     error: str | None = None
     stopping: bool = False
-    jobs: _Jobs = field(default_factory=_Jobs)
+    jobs: IdempotencyCache = field(init=False)
     refused: OrderedDict = field(default_factory=OrderedDict)  # Idempotency-Keys refused as overloaded
     served: dict[str, int] = field(default_factory=lambda: {
         "requests": 0, "items": 0, "truncated_items": 0, "deduplicated": 0, "cancelled": 0, "rejected": 0})
+
+    def __post_init__(self):
+        self.jobs = IdempotencyCache(self.settings.idempotency_cache_bytes, IDEMPOTENCY_TTL_S)
 
     @property
     def ready(self) -> bool:
@@ -146,35 +135,6 @@ class _State:
                                                   self.batcher.fail_all, error)
 
 
-def _validation_message(exc: ValidationError) -> str:
-    problems = []
-    for err in exc.errors()[:3]:
-        where = ".".join(str(part) for part in err["loc"]) or "body"
-        problems.append(f"{where}: {err['msg']}")
-    more = f" (+{exc.error_count() - 3} more)" if exc.error_count() > 3 else ""
-    return f"malformed request: {'; '.join(problems)}{more}; {PROTOCOL_HINT}"
-
-
-async def _read_body(request: Request, limit: int) -> bytes:
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise HTTPException(413, f"request body of {declared} bytes exceeds max_body_bytes={limit} (12 x max_chars "
-                                 "+ 1 MiB); split the request or raise --max-chars")
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise HTTPException(413, f"request body exceeds max_body_bytes={limit} (12 x max_chars + 1 MiB); "
-                                     "split the request or raise --max-chars")
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
-def _is_json(content_type: str | None) -> bool:
-    media = (content_type or "").split(";", 1)[0].strip().lower()
-    return media == "application/json" or (media.startswith("application/") and media.endswith("+json"))
-
-
 async def _client_gone(request: Request) -> None:
     """Returns when the client disconnects (the body has been read: the next message is the disconnect)."""
     while (await request.receive())["type"] != "http.disconnect":
@@ -192,6 +152,10 @@ def _busy(detail: str, retry_after_s: float) -> HTTPException:
     return HTTPException(503, detail, headers={"Retry-After": str(max(1, min(30, math.ceil(retry_after_s))))})
 
 
+def _json(answer: bytes) -> Response:
+    return Response(answer, media_type="application/json")
+
+
 def create_app(
     settings: ServerSettings,
     loader: Callable[[ServerSettings], Loaded] = load_model,
@@ -205,13 +169,14 @@ def create_app(
     async def load() -> None:
         try:
             loaded = await asyncio.to_thread(loader, settings)
+            tokenizer = FairTokenizer(loaded.encoder, settings.piece_chars)
         except Exception as exc:
             log.exception("loading the reward model failed")
             state.error = f"{type(exc).__name__}: {exc}"
             if on_load_failure is not None:
                 on_load_failure()
             return
-        state.loaded = loaded
+        state.loaded, state.tokenizer = loaded, tokenizer
         batcher = LengthAwareBatcher(loaded.scorers, settings.batch_tokens, settings.chunk_tokens)
         batcher.start()
         state.batcher = batcher
@@ -266,6 +231,7 @@ def create_app(
             "served": dict(state.served),
             "forward_passes": state.batcher.forward_passes if state.batcher else 0,
             "queued_tokens": state.batcher.queued_tokens if state.batcher else 0,
+            "idempotency_cache": {"entries": len(state.jobs), "bytes": state.jobs.bytes},
             "error": error,
         }
         return JSONResponse(body, status_code=200 if state.ready else 503)
@@ -275,40 +241,68 @@ def create_app(
         {"name": "Idempotency-Key", "in": "header", "required": False, "schema": {"type": "string", "maxLength": 200},
          "description": "the same key on every try of one request: a retry is never scored twice"}]}
 
-    @app.post("/predict", dependencies=[Depends(authorize)], openapi_extra=openapi_body)
-    async def predict(request: Request) -> dict:
+    @app.post("/predict", dependencies=[Depends(authorize)], openapi_extra=openapi_body,
+              responses=PREDICT_RESPONSES)
+    async def predict(request: Request) -> Response:
         if state.stopping:
             raise _busy("the reward server is shutting down; retry in a few seconds", 2)
         if state.error:
             raise HTTPException(500, f"loading the model failed: {state.error}; fix it and restart the server")
         if not state.ready:
             raise _busy("the model is still loading; retry (GET /health says when it is ready)", 5)
-        if not _is_json(request.headers.get("content-type")):
-            raise HTTPException(415, f"Content-Type {request.headers.get('content-type')!r} is not JSON: send "
-                                     f"'Content-Type: application/json' and {PROTOCOL_HINT}")
-        body = await _read_body(request, settings.max_body_bytes)
+        check_headers(request)
         key = request.headers.get("idempotency-key")
         if key is not None and not 0 < len(key) <= 200:
             raise HTTPException(422, "Idempotency-Key must have 1 to 200 characters")
-        fingerprint = hashlib.sha256(body).hexdigest()
-        known = state.jobs.get(key) if key else None
-        if known is not None:
-            if known[0] != fingerprint:
-                raise HTTPException(409, "this Idempotency-Key was used for a different request body; use a new "
-                                         "key for each request (the same one only for its retries)")
-            job = known[1]
-            state.served["deduplicated"] += 1
-            if job.answer is not None:
-                return job.answer
-            if job.cancelled:
-                state.batcher.submit(job)  # what was scored before its client left is kept
+        body = await read_body(request, settings.max_body_bytes)
+        fingerprint = await _decoding(body, _inspect, body, key is not None)
+        if not key:
+            return await _answer(request, await _admit(body, None), None, None)
+        entry = state.jobs.get(key)
+        if entry is None:
+            entry = state.jobs.begin(key, fingerprint)
+            job = await _admit_keyed(body, key, entry, None)
+        elif entry.fingerprint != fingerprint:
+            raise HTTPException(409, "this Idempotency-Key was used for a different request body; use a new "
+                                     "key for each request (the same one only for its retries)")
         else:
-            job = await _admit(body, key)
-            if key:
-                state.jobs.put(key, fingerprint, job)
-        return await _answer(request, job, key)
+            state.served["deduplicated"] += 1
+            if entry.answer is not None:
+                return _json(entry.answer)
+            job = await entry.wait_admitted()  # a duplicate of one still being admitted waits for it
+            if entry.answer is not None:
+                return _json(entry.answer)
+            if job.cancelled:  # every client left it; what was scored is kept, the rest needs the ids again
+                state.jobs.readmit(entry)
+                job = await _admit_keyed(body, key, entry, job)
+        return await _answer(request, job, key, entry)
 
-    async def _admit(body: bytes, key: str | None) -> Job:
+    def _inspect(body: bytes, keyed: bool) -> bytes | None:
+        """Refuse too many items before decoding; the body's hash for an Idempotency-Key."""
+        check_items_before_decoding(body, settings)
+        return hashlib.sha256(body).digest() if keyed else None
+
+    async def _decoding(body: bytes, fn, *args):
+        """``fn(*args)`` on ``body``: inline for a body up to a piece's size (quick), else in a worker thread
+        in the tokenizer's bulk lane (off the event loop, and one big body at a time)."""
+        if len(body) <= settings.piece_chars:
+            return fn(*args)
+        return await state.tokenizer.in_bulk_lane(fn, *args)
+
+    async def _admit_keyed(body: bytes, key: str, entry: Entry, resume: Job | None) -> Job:
+        try:
+            job = await _admit(body, key, resume)
+        except Exception as exc:
+            state.jobs.refused(key, entry, exc)
+            raise
+        except BaseException:
+            state.jobs.refused(key, entry, _busy("the request it duplicates was interrupted; retry", 1))
+            raise
+        state.jobs.admitted(key, entry, job)
+        return job
+
+    async def _admit(body: bytes, key: str | None, resume: Job | None = None) -> Job:
+        """Decode, check and tokenize the body, and queue its job (``resume``: an abandoned job of this body)."""
         batcher = state.batcher
         # A request refused before (same key) may fill the queue to twice the bound: it is not refused again
         # and again while newer requests slip in. Retry-After is half the queue's estimated drain time:
@@ -319,54 +313,42 @@ def create_app(
             state.served["rejected"] += 1
             if key is not None:
                 state.refused[key] = None
-                while len(state.refused) > IDEMPOTENCY_MAX_JOBS:
+                while len(state.refused) > REFUSED_KEYS_KEPT:
                     state.refused.popitem(last=False)
             return _busy(detail, retry_after_s)
 
         if batcher.queued_tokens >= limit:
             raise refuse(f"the reward server is overloaded ({batcher.queued_tokens} tokens queued, max_queue_tokens="
                          f"{settings.max_queue_tokens}); retry later", batcher.drain_estimate_s() / 2)
-        try:
-            payload = PredictRequest.model_validate_json(body)
-        except ValidationError as exc:
-            raise HTTPException(422, _validation_message(exc)) from None
-        n = len(payload.prompts)
-        if n != len(payload.responses):
-            raise HTTPException(422, f"prompts has {n} items but responses has {len(payload.responses)}; "
-                                     "send exactly one response per prompt")
-        if n == 0:
-            raise HTTPException(422, "prompts and responses are empty; send at least one pair")
-        if n > settings.max_items:
-            raise HTTPException(413, f"{n} items exceed max_items={settings.max_items}; split the request "
-                                     "or raise the server's --max-items")
-        chars = sum(map(len, payload.prompts)) + sum(map(len, payload.responses))
-        if chars > settings.max_chars:
-            raise HTTPException(413, f"{chars} characters exceed max_chars={settings.max_chars}; split the "
-                                     "request or raise the server's --max-chars")
-        encoded = await asyncio.to_thread(state.loaded.encoder.encode, payload.prompts, payload.responses)
+        payload = await _decoding(body, parse_request, body, settings)
+        encoded = await state.tokenizer.encode(payload.prompts, payload.responses)
         tokens = sum(len(e.ids) for e in encoded)
         # An empty queue takes any request (within the limits above), so that none is refused forever.
         if batcher.queued_tokens and batcher.queued_tokens + tokens > limit:
             raise refuse(f"the reward server is overloaded ({batcher.queued_tokens} tokens queued, this request "
                          f"{tokens}, max_queue_tokens={settings.max_queue_tokens}); retry later",
                          batcher.drain_estimate_s(tokens) / 2)
-        job = Job([e.ids for e in encoded])
-        job.truncation = {
-            "prompts": sum(e.prompt_tokens_dropped > 0 for e in encoded),
-            "responses": sum(e.response_tokens_dropped > 0 for e in encoded),
-            "prompt_tokens_dropped": sum(e.prompt_tokens_dropped for e in encoded),
-            "response_tokens_dropped": sum(e.response_tokens_dropped for e in encoded),
-        }
-        job.cut = sum(e.prompt_tokens_dropped + e.response_tokens_dropped > 0 for e in encoded)
-        if job.truncation["responses"]:
-            log.warning("cut the head of %d response(s) to max_length=%d (prompts fully dropped first)",
-                        job.truncation["responses"], settings.max_length)
+        if resume is not None:
+            job = resume
+            job.ids = [e.ids for e in encoded]
+        else:
+            job = Job([e.ids for e in encoded])
+            job.truncation = {
+                "prompts": sum(e.prompt_tokens_dropped > 0 for e in encoded),
+                "responses": sum(e.response_tokens_dropped > 0 for e in encoded),
+                "prompt_tokens_dropped": sum(e.prompt_tokens_dropped for e in encoded),
+                "response_tokens_dropped": sum(e.response_tokens_dropped for e in encoded),
+            }
+            job.cut = sum(e.prompt_tokens_dropped + e.response_tokens_dropped > 0 for e in encoded)
+            if job.truncation["responses"]:
+                log.warning("cut the head of %d response(s) to max_length=%d (prompts fully dropped first)",
+                            job.truncation["responses"], settings.max_length)
         batcher.submit(job)
         if key is not None:
             state.refused.pop(key, None)
         return job
 
-    async def _answer(request: Request, job: Job, key: str | None) -> dict | JSONResponse:
+    async def _answer(request: Request, job: Job, key: str | None, entry: Entry | None) -> Response:
         """Wait for the job's rewards, or drop its work if the client leaves first (and no retry waits)."""
         job.waiters += 1
         waiting = asyncio.ensure_future(job.wait())
@@ -383,24 +365,29 @@ def create_app(
                 state.batcher.cancel(job)
                 state.served["cancelled"] += 1
                 log.info("client left; dropped the %d unscored item(s) of its request", job.missing)
+            if entry is not None:
+                state.jobs.changed(key, entry)
             return JSONResponse({"detail": "client disconnected"}, status_code=499)
         try:
             rewards = waiting.result()
         except ShuttingDown as exc:
-            if key:
-                state.jobs.drop(key)
+            if entry is not None:
+                state.jobs.drop(key, entry)
             raise _busy(str(exc), 2) from None
         except Exception as exc:
-            if key:
-                state.jobs.drop(key)
+            if entry is not None:
+                state.jobs.drop(key, entry)
             raise HTTPException(500, f"scoring failed: {type(exc).__name__}: {exc}") from None
         if not all(math.isfinite(r) for r in rewards):
             raise HTTPException(500, "the reward model produced a non-finite reward; check the model and --dtype")
-        if job.answer is None:
-            state.served["requests"] += 1
-            state.served["items"] += len(rewards)
-            state.served["truncated_items"] += job.cut
-            job.answer = {"rewards": rewards, "truncation": job.truncation}
-        return job.answer
+        if entry is not None and entry.answer is not None:  # a duplicate waiting with it answered first
+            return _json(entry.answer)
+        state.served["requests"] += 1
+        state.served["items"] += len(rewards)
+        state.served["truncated_items"] += job.cut
+        answer = json.dumps({"rewards": rewards, "truncation": job.truncation}, separators=(",", ":")).encode()
+        if entry is not None:
+            state.jobs.answered(key, entry, answer)
+        return _json(answer)
 
     return app

@@ -30,18 +30,19 @@ def wait_until_ready(base_url: str, timeout_s: float = 120.0, alive=lambda: True
 
 @contextmanager
 def serve_in_background(settings: ServerSettings, timeout_s: float = 120.0, **app_kwargs) -> Iterator[str]:
-    """Start a real uvicorn server for ``settings`` (``app_kwargs`` go to create_app, e.g. a loader), wait
-    until it is ready, yield its base URL (``http://host:port``), and always stop it (in-flight requests
-    get the grace period)."""
+    """Start a real uvicorn server for ``settings`` (``app_kwargs`` go to create_app, e.g. a loader) on a
+    socket bound as the CLI binds it, wait until it is ready, yield its base URL (``http://host:port``), and
+    always stop it (in-flight requests get the grace period)."""
     import uvicorn
 
     from .app import create_app
-    from .serve import RewardServer
+    from .serve import RewardServer, bind
 
+    sock = bind(settings.host, settings.port)
     app = create_app(settings, **app_kwargs)
     server = RewardServer(app, uvicorn.Config(app, host=settings.host, port=settings.port, log_level="warning",
                                               access_log=False, timeout_graceful_shutdown=settings.shutdown_grace_s))
-    thread = threading.Thread(target=server.run, name="reward-server", daemon=True)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="reward-server", daemon=True)
     thread.start()
     base_url = f"http://{settings.host}:{settings.port}"
     token = settings.token.get_secret_value() if settings.token else None

@@ -11,7 +11,8 @@ KV cache, one chunk per step; while shorter items wait, these steps get ``LONG_S
 A long item thus delays a short one by at most one chunk, not by its whole forward pass.
 
 A job that is cancelled (its client went away) leaves the queue at once; what was already scored is kept
-with the job, so a retry of the same request (same Idempotency-Key, see app.py) scores only the rest.
+with the job, so a retry of the same request (same Idempotency-Key, see app.py) scores only the rest. A job
+drops its token ids once it is finished, failed or cancelled (a retry brings its body again).
 """
 
 from __future__ import annotations
@@ -42,17 +43,17 @@ class ShuttingDown(RuntimeError):
 
 
 class Job:
-    """One request's items; ``results[i]`` is filled as item ``i`` is scored. Await :meth:`wait`."""
+    """One request's items; ``results[i]`` is filled as item ``i`` is scored. Await :meth:`wait`. ``ids`` is
+    None once the job no longer needs them (see :meth:`release_inputs`); set it again before resubmitting."""
 
     def __init__(self, ids: list[list[int]]):
-        self.ids = ids
+        self.ids: list[list[int]] | None = ids
         self.tokens = sum(map(len, ids))
         self.results: list[float | None] = [None] * len(ids)
         self.missing = len(ids)
         self.error: BaseException | None = None
         self.cancelled = False
         self.waiters = 0  # requests (the first and its retries) waiting for this job right now
-        self.answer: dict | None = None  # the response body once sent, for a retry whose answer was lost
         self.truncation: dict[str, int] = {}  # what the encoder cut (app.py reports it)
         self.cut = 0  # items with any token cut
         self._done = asyncio.Event()
@@ -72,6 +73,10 @@ class Job:
         if not self._done.is_set():
             self.error = error
             self._done.set()
+
+    def release_inputs(self) -> None:
+        """Drop the token ids: scored items no longer need them, and items in a forward pass hold their own."""
+        self.ids = None
 
     async def wait(self) -> list[float]:
         """The rewards in input order; raises the job's error (scoring failed, server shutting down)."""
@@ -161,8 +166,9 @@ class LengthAwareBatcher:
         self._wakeup.set()
 
     def cancel(self, job: Job) -> None:
-        """Drop the job's waiting items (a long one being prefilled stops at its next chunk)."""
+        """Drop the job's waiting items (a long one being prefilled stops at its next chunk) and its ids."""
         job.cancelled = True
+        job.release_inputs()
         self._short = [entry for entry in self._short if entry[2].job is not job]
         self._long = [item for item in self._long if item.job is not job]
         self._jobs.discard(job)
@@ -171,6 +177,7 @@ class LengthAwareBatcher:
         """Fail every job not finished (their requests answer with ``error``); the queue empties."""
         for job in list(self._jobs):
             job._fail(error)
+            job.release_inputs()
         self._jobs.clear()
         self._short.clear()
         self._long.clear()
@@ -222,6 +229,7 @@ class LengthAwareBatcher:
     def _finish(self, job: Job) -> None:
         if job.finished:
             self._jobs.discard(job)
+            job.release_inputs()
 
     async def _work(self, worker: int, scorer: Scorer) -> None:
         credit = 0.0  # seconds of long steps this worker may still run while short items wait

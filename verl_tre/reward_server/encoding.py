@@ -8,8 +8,9 @@ prompt is gone does the head of the response go. The end of a response is never 
 
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass
+
+from tokenizers import Tokenizer
 
 # Private-use code points: a template will not produce them on its own, so they mark where content lands.
 _PROMPT_MARK = "\ue000prompt\ue001"
@@ -30,7 +31,7 @@ def _conversation(prompt: str, response: str) -> list[dict[str, str]]:
 
 
 class PairEncoder:
-    """Chat-template, tokenize and truncate pairs; thread-safe (one tokenizer call at a time).
+    """Chat-template, tokenize and truncate pairs; thread-safe (several threads may encode at once).
 
     ``tokenizer`` must be a fast (Rust) tokenizer with a chat template: character offsets tell which tokens
     belong to the prompt and which to the response.
@@ -45,14 +46,24 @@ class PairEncoder:
             )
         self.tokenizer = tokenizer
         self.max_length = max_length
-        self._lock = threading.Lock()
+        # The Rust tokenizer itself, called directly: it encodes from several threads at once, but transformers'
+        # __call__ may first change its truncation or padding, which fails while another thread encodes. A
+        # tokenizer saved with truncation, padding or split special tokens gets a copy without (what __call__
+        # would set), so that this one is never changed.
+        backend = tokenizer.backend_tokenizer
+        if backend.truncation or backend.padding or backend.encode_special_tokens:
+            backend = Tokenizer.from_str(backend.to_str())
+            backend.no_truncation()
+            backend.no_padding()
+            backend.encode_special_tokens = False
+        self._backend = backend
         skeleton = self._render(_PROMPT_MARK, _RESPONSE_MARK)
         if skeleton.count(_PROMPT_MARK) != 1 or skeleton.count(_RESPONSE_MARK) != 1:
             raise ValueError("the chat template does not insert the user and assistant content once each")
         self._prompt_at = skeleton.index(_PROMPT_MARK)
         self._gap = skeleton.index(_RESPONSE_MARK) - self._prompt_at - len(_PROMPT_MARK)
-        overhead = len(tokenizer(skeleton.replace(_PROMPT_MARK, "").replace(_RESPONSE_MARK, ""),
-                                 add_special_tokens=False)["input_ids"])
+        overhead = len(backend.encode(skeleton.replace(_PROMPT_MARK, "").replace(_RESPONSE_MARK, ""),
+                                      add_special_tokens=False).ids)
         # Room for the template and a meaningful piece of the response.
         if max_length < overhead + 16:
             raise ValueError(
@@ -79,16 +90,16 @@ class PairEncoder:
     def encode(self, prompts: list[str], responses: list[str]) -> list[Encoded]:
         """Encode equally long lists of prompts and responses, in order."""
         texts = [self._render(p, r) for p, r in zip(prompts, responses)]
-        with self._lock:  # a Rust tokenizer refuses concurrent use from several threads
-            batch = self.tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
         out = []
-        for text, p, r, ids, offsets in zip(texts, prompts, responses, batch["input_ids"], batch["offset_mapping"]):
+        for text, p, r, encoding in zip(texts, prompts, responses,
+                                        self._backend.encode_batch(texts, add_special_tokens=False)):
+            ids = encoding.ids
             excess = len(ids) - self.max_length
             if excess <= 0:
-                out.append(Encoded(list(ids)))
+                out.append(Encoded(ids))
                 continue
             prompt_span, response_span = self._spans(text, p, r)
-            out.append(self._truncate(list(ids), offsets, prompt_span, response_span, excess))
+            out.append(self._truncate(ids, encoding.offsets, prompt_span, response_span, excess))
         return out
 
     @staticmethod

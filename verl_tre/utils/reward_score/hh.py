@@ -58,9 +58,18 @@ def is_loopback(url: str) -> bool:
 
 
 def http_client(url: str, timeout_s: float, token: str | None = None) -> httpx.Client:
-    """An httpx client for ``url``: bearer token if given, environment proxies ignored for loopback URLs."""
+    """An httpx client for ``url``: bearer token if given, environment proxies ignored for loopback URLs.
+    Raises :class:`RewardServerError` if a proxy from the environment cannot be used (a SOCKS proxy needs
+    the socksio package)."""
     headers = {"Authorization": f"Bearer {token}"} if token else {}
-    return httpx.Client(timeout=timeout_s, headers=headers, trust_env=not is_loopback(url))
+    try:
+        return httpx.Client(timeout=timeout_s, headers=headers, trust_env=not is_loopback(url))
+    except (ImportError, ValueError) as exc:  # httpx builds the proxies of ALL_PROXY / HTTP(S)_PROXY here
+        host = urlsplit(url).hostname or url
+        raise RewardServerError(
+            f"cannot reach the reward server at {url} through the proxy set in the environment ({exc}); for a "
+            f"SOCKS proxy install its support (pip install 'httpx[socks]'), or bypass the proxy for the server "
+            f"with NO_PROXY={host}") from None
 
 
 def _base_url(url: str) -> str:
