@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from trainer_fixtures import REGION_METRICS, cpu_overrides, ray_session, tiny_assets  # noqa: F401  (fixtures)
+from trainer_fixtures import REGION_METRICS, cpu_overrides
 from verl_tre import tables
 from verl_tre.runs import read_runs
 from verl_tre.trainer import config_check, main_ppo, run_identity

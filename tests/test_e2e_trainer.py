@@ -13,7 +13,7 @@ import math
 
 import pytest
 
-from trainer_fixtures import REGION_METRICS, cpu_overrides, ray_session, tiny_assets  # noqa: F401  (fixtures)
+from trainer_fixtures import REGION_METRICS, cpu_overrides
 from verl_tre.utils import run_record
 
 # method -> (overrides, metrics beyond the region metrics that must be logged). Elsewhere through the trainer:
