@@ -53,13 +53,16 @@ def test_without_an_environment_one_line_says_how_to_get_one(bare_shell, tmp_pat
 
 
 def test_the_project_venv_is_used_when_nothing_else_is_active(bare_shell, tmp_path):
-    venv = tmp_path / "venv"
-    # Stands in for scripts/env.sh's .venv: the interpreter these tests run under has the packages.
-    _executable(venv / "bin" / "python", f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
+    venv, launched = tmp_path / "venv", tmp_path / "launched.txt"
+    # Stands in for scripts/env.sh's .venv: the interpreter these tests run under (it has the packages), which
+    # records the launch instead of running it (the dry run itself: tests/test_configs.py).
+    _executable(venv / "bin" / "python", f'#!/bin/sh\n[ "$1" = -m ] && {{ printf "%s\\n" "$@" > "{launched}"; exit 0; }}\n'
+                                         f'exec "{sys.executable}" "$@"\n')
     out = _launch({**bare_shell, "VERL_TRE_VENV": str(venv)}, "verl_tre.dry_run=true", cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-2000:]
     assert f"using the project's {venv}" in out.stderr
-    assert "dry_run: true" in out.stdout and "task: countdown" in out.stdout
+    args = launched.read_text().splitlines()
+    assert args[:2] == ["-m", "verl_tre.trainer.main_ppo"] and args[-1] == "verl_tre.dry_run=true"
 
 
 def test_paths_with_commas_quotes_and_accents_reach_the_config_as_written(tmp_path):
