@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import sys
-import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -15,6 +12,7 @@ from tqdm import tqdm
 from verl_tre.data import sources
 from verl_tre.eval.answers import Extractor, project_extract
 from verl_tre.eval.metrics import avg_at_k, maj_at_k, pass_at_k
+from verl_tre.eval.server_wait import wait_for_reward_server
 from verl_tre.eval.samples import PromptSamples, min_samples
 
 # compute_score(data_source, solution_str, ground_truth, extra_info=None) -> float | {"score": float, ...}
@@ -39,48 +37,6 @@ def dispatcher_batch_scorer(**reward_kwargs: Any) -> BatchScorer:
     return score
 
 
-class _WaitReport:
-    """``check_reward_server``'s per-look hook: after the first look fails, one line saying what the evaluation
-    waits for, then a progress bar of the seconds waited (or nothing more, without progress)."""
-
-    def __init__(self, url: str, deadline_s: float, progress: bool):
-        self.url, self.deadline_s, self.progress = url, deadline_s, progress
-        self.start, self.looks, self.bar = time.monotonic(), 0, None
-
-    def __call__(self) -> bool:
-        self.looks += 1
-        if self.looks == 2:
-            print(f"waiting for the HH reward server at {self.url} (GET /health) to be ready, for up to "
-                  f"{self.deadline_s:g} s (the reward option hh_deadline); start it with HH_REWARD_MODEL_PATH=DIR "
-                  f"bash experiments/hh/reward/run_with_server.sh", file=sys.stderr)
-            self.bar = tqdm(total=round(self.deadline_s), desc="waiting for the reward server", unit="s",
-                            disable=not self.progress, bar_format="{desc}: {n:.0f}/{total} s {bar}")
-        if self.bar is not None:
-            self.bar.n = min(round(time.monotonic() - self.start), self.bar.total)
-            self.bar.refresh()
-        return True
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-
-
-def wait_for_reward_server(reward_kwargs: dict[str, Any] | None = None, progress: bool = True) -> None:
-    """Return once the HH reward server that ``reward_kwargs`` (``hh_url``, ``hh_token``) name is ready; while it
-    is not, say so and show the wait. Raises RewardServerError (one line: what it last saw, how to start the
-    server) after ``hh_deadline`` seconds, or at once for a wrong token or a model that failed to load."""
-    from verl_tre.utils.reward_score import RewardOptions
-    from verl_tre.utils.reward_score import hh
-
-    options = RewardOptions(**(reward_kwargs or {}))
-    url = options.hh_url or os.environ.get(hh.URL_ENV) or hh.DEFAULT_URL
-    report = _WaitReport(url, options.hh_deadline, progress)
-    try:
-        hh.check_reward_server(url, options.hh_token, timeout_s=options.hh_deadline, alive=report)
-    finally:
-        report.close()
-
-
 def _per_sample(scorer: Scorer) -> BatchScorer:
     return lambda ds, sols, gts, extras: [scorer(*args) for args in zip(ds, sols, gts, extras)]
 
@@ -96,8 +52,9 @@ def score_samples(
     """Fill ``scores`` (and ``correct`` / ``answers`` where the scorer reports ``acc`` / ``pred``) in place.
 
     ``scorer`` scores one sample; by default the project's dispatcher scores ``chunk_size`` samples per call
-    with ``reward_kwargs``, after waiting for the HH reward server when there are HH samples. Groups that already carry scores (validation dumps) are not rescored; answers
-    missing after scoring come from ``extractor`` (default :func:`verl_tre.eval.answers.project_extract`).
+    with ``reward_kwargs``, after waiting for the HH reward server when there are HH samples. Groups that already
+    carry scores (validation dumps) are not rescored; answers missing after scoring come from ``extractor``
+    (default :func:`verl_tre.eval.answers.project_extract`).
     """
     todo = [g for g in groups if g.scores is None]
     if todo:

@@ -16,6 +16,8 @@ from typing import Any, Callable
 
 from omegaconf import DictConfig, OmegaConf
 
+from verl_tre.trainer.config_keys import unread_added_keys
+
 TASKS = ("math", "countdown", "hh")
 MODEL_SIZES = ("1.5b", "7b")
 DEVICES = ("cuda", "cpu", "npu")
@@ -340,8 +342,6 @@ def validate(config: DictConfig, launching: bool = True) -> None:
     ``launching=False`` (offline composition) skips what depends on this machine: data files and devices.
     verl_tre's policy losses must be registered first (``verl_tre.plugin.install()``).
     """
-    from verl_tre.trainer.config_keys import unread_added_keys
-
     c = _Checker(config)
     c.problems += unread_added_keys(config)
     c.one_of("verl_tre.task", TASKS + (None,))
