@@ -44,8 +44,8 @@ hydra_quote() {
 
 # Whether interpreter $1 can import what the launch needs (find_spec: nothing is imported, nothing printed).
 can_launch() {
-  "$1" -c 'import importlib.util as u, sys; sys.exit(any(u.find_spec(m) is None for m in ("hydra", "verl", "verl_tre")))' \
-    2>/dev/null
+  "$1" -c 'import importlib.util as u, sys
+sys.exit(any(u.find_spec(m) is None for m in ("hydra", "verl", "verl_tre")))' 2>/dev/null
 }
 
 # Sets PYTHON: as given, else python3 when it has the packages, else the project's .venv when no other

@@ -56,8 +56,8 @@ def test_the_project_venv_is_used_when_nothing_else_is_active(bare_shell, tmp_pa
     venv, launched = tmp_path / "venv", tmp_path / "launched.txt"
     # Stands in for scripts/env.sh's .venv: the interpreter these tests run under (it has the packages), which
     # records the launch instead of running it (the dry run itself: tests/test_configs.py).
-    _executable(venv / "bin" / "python", f'#!/bin/sh\n[ "$1" = -m ] && {{ printf "%s\\n" "$@" > "{launched}"; exit 0; }}\n'
-                                         f'exec "{sys.executable}" "$@"\n')
+    record = f'[ "$1" = -m ] && {{ printf "%s\\n" "$@" > "{launched}"; exit 0; }}'
+    _executable(venv / "bin" / "python", f'#!/bin/sh\n{record}\nexec "{sys.executable}" "$@"\n')
     out = _launch({**bare_shell, "VERL_TRE_VENV": str(venv)}, "verl_tre.dry_run=true", cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-2000:]
     assert f"using the project's {venv}" in out.stderr
