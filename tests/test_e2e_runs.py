@@ -19,8 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from trainer_fixtures import (REGION_METRICS, REPO, cpu_overrides, marked_processes, ray_session,  # noqa: F401
-                              tiny_assets)
+from trainer_fixtures import REGION_METRICS, REPO, cpu_overrides, marked_processes
 from verl_tre.runs import checkpoints, identity, lock, record, tables
 from verl_tre.runs.reading import read_runs
 from verl_tre.trainer import config_check, main_ppo, sweep

@@ -14,7 +14,7 @@ import math
 
 import pytest
 
-from trainer_fixtures import MAX_WORKERS, REGION_METRICS, cpu_overrides, ray_session, tiny_assets  # noqa: F401
+from trainer_fixtures import MAX_WORKERS, REGION_METRICS, cpu_overrides
 from verl_tre.runs import identity, methods, record
 
 # method -> (overrides, metrics beyond the region metrics that must be logged). Elsewhere through the trainer:

@@ -217,8 +217,10 @@ def test_wrapper_merges_fsdp_shards_and_samples_with_the_papers_validation_setti
     assert f"--local_dir {actor} --target_dir {tmp_path}/out/hf_model" in cmds[0]
     gen = cmds[2].split()
     assert gen[:3] == ["python", "-m", "verl.trainer.main_generation"]
+    # Ray is told of 10 CPUs per GPU worker and one for the driver task, however few the machine has.
+    ray_cpus = max(len(os.sched_getaffinity(0)), 21)
     for override in ("rollout.temperature=1.0", "rollout.top_p=0.7", "data.n_samples=8", f"model.path={tmp_path}/out/hf_model",
-                     "trainer.n_gpus_per_node=2", "rollout.name=hf"):
+                     "trainer.n_gpus_per_node=2", "rollout.name=hf", f"ray_init.num_cpus={ray_cpus}"):
         assert override in gen
     assert cmds[3].endswith(f"verl_tre.eval {tmp_path}/out/generations.parquet --output {tmp_path}/out/eval.json --k 1,4")
     # A Hugging Face directory is used as it is.
@@ -244,6 +246,25 @@ def test_wrapper_rejects_bad_inputs_with_a_message(tmp_path, ckpt, data, env, me
     assert res.returncode == 2 and message in res.stderr
 
 
+def test_wrapper_without_a_gpu_stops_with_one_line_instead_of_waiting(tmp_path):
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "config.json").write_text("{}")
+    (tmp_path / "data").touch()
+    fake = tmp_path / "bin" / "nvidia-smi"  # a machine whose nvidia-smi lists no GPU
+    fake.parent.mkdir()
+    fake.write_text("#!/bin/sh\nexit 0\n")
+    fake.chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if k not in ("N_GPUS", "DRY_RUN")}
+    env["PATH"] = f"{fake.parent}:{env['PATH']}"
+    import subprocess
+
+    res = subprocess.run(["bash", SCRIPT, tmp_path / "hf", tmp_path / "data", tmp_path / "out"], env=env,
+                         capture_output=True, text=True, timeout=30)
+    assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1, res.stderr
+    assert "no GPU is visible" in res.stderr and "python -m verl_tre.eval" in res.stderr
+    assert not (tmp_path / "out").exists()  # stopped before anything ran
+
+
 def test_default_scoring_uses_the_task_rewards_and_votes_on_their_answers(tmp_path):
     from verl_tre.data import sources
 
@@ -259,3 +280,27 @@ def test_default_scoring_uses_the_task_rewards_and_votes_on_their_answers(tmp_pa
     c = evaluate(load_samples(str(cd_path)), [1, 5], progress=False)[sources.COUNTDOWN]
     # "1 + 2 + 3" and "1+2+3" vote together (2 votes) against "(1+2)*3" and "3+2+1"; the bare "6" abstains.
     assert c["pass@1"] == pytest.approx(3 / 5) and c["maj@5"] == 1.0 and c["pass@5"] == 1.0
+
+
+def test_hh_with_the_server_down_says_what_it_waits_for_and_ends_in_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    from verl_tre.data import sources
+
+    path = tmp_path / "hh.parquet"
+    write_generation_parquet(path, [(sources.HH, None, ["a helpful answer", "no"])])
+    frame = pd.read_parquet(path)
+    frame["extra_info"] = [{"split": "test", "index": 0, "prompt": "How do I boil an egg?"}]
+    frame.to_parquet(path)
+    dead = "http://127.0.0.1:9/predict"  # the discard port: nothing listens, connections are refused at once
+    kwargs = json.dumps({"hh_url": dead, "hh_deadline": 2})
+    env = {**os.environ, "PYTHONPATH": os.path.join(os.path.dirname(__file__), "..")}
+    out = subprocess.run([sys.executable, "-m", "verl_tre.eval", str(path), "--reward-kwargs", kwargs], env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr
+    lines = [line for line in out.stderr.replace("\r", "\n").splitlines() if line.strip()]
+    assert any(line.startswith(f"waiting for the HH reward server at {dead}") for line in lines), lines
+    assert any(line.startswith("waiting for the reward server: ") for line in lines), lines  # the wait's progress
+    assert lines[-1].startswith(f"error: the reward server at {dead} is not ready after 2 s"), lines
+    assert "run_with_server.sh" in lines[-1]

@@ -16,7 +16,7 @@ from transformers import Qwen2Config, Qwen2ForTokenClassification
 
 import verl.models.transformers.monkey_patch as verl_monkey_patch
 from test_actor import METHODS, PROMPT, TEMPERATURE, actor_config, cpu_process_group, make_batch, tiny_policy  # noqa: F401
-from trainer_fixtures import cpu_overrides, ray_session, tiny_assets  # noqa: F401  (fixtures)
+from trainer_fixtures import cpu_overrides
 from verl_tre import plugin
 from verl_tre.models import fused_forward
 from verl_tre.runs import record

@@ -102,6 +102,47 @@ def test_bad_data_is_refused_before_training(script, tmp_path):
         script.load_preferences(script.parse_args(["--train-file", str(wrong)]))
 
 
+def ultrafeedback_rows(pairs: list[dict], reply_only: bool = False) -> list[dict]:
+    """``pairs`` in HuggingFaceH4/ultrafeedback_binarized's layout: a string prompt beside chosen/rejected
+    conversations that repeat it (``reply_only``: the assistant turn alone), plus columns training ignores."""
+    rows = []
+    for i, pair in enumerate(pairs):
+        user = [] if reply_only else [{"role": "user", "content": pair["prompt"]}]
+        chosen = user + [{"role": "assistant", "content": pair["chosen"]}]
+        rows.append({"prompt": pair["prompt"], "prompt_id": f"id{i}", "chosen": chosen, "messages": chosen,
+                     "rejected": user + [{"role": "assistant", "content": pair["rejected"]}],
+                     "score_chosen": 8.0, "score_rejected": 3.0})
+    return rows
+
+
+@pytest.mark.parametrize("reply_only", [False, True])
+def test_a_prompt_beside_message_lists_is_folded_into_whole_conversations(script, reply_only):
+    from datasets import Dataset
+
+    pairs = preference_pairs(3, seed=2)
+    converted = script.to_conversations(Dataset.from_list(ultrafeedback_rows(pairs, reply_only)), "uf")
+    assert sorted(converted.column_names) == ["chosen", "rejected"]
+    for row, pair in zip(converted, pairs):
+        for side in ("chosen", "rejected"):
+            assert row[side] == [{"role": "user", "content": pair["prompt"]},
+                                 {"role": "assistant", "content": pair[side]}]
+
+
+@pytest.mark.slow
+def test_training_runs_on_the_ultrafeedback_layout(script, tmp_path):
+    """The layout TRL failed on ('list' object has no attribute 'endswith'): two optimizer steps from a parquet."""
+    import pandas as pd
+
+    base = build_tiny_reward_model(tmp_path / "base", hidden_size=16, num_layers=1)
+    data = tmp_path / "uf.parquet"
+    pd.DataFrame(ultrafeedback_rows(preference_pairs(8, seed=3))).to_parquet(data)
+    final = script.main(["--model", str(base), "--train-file", str(data), "--output-dir", str(tmp_path / "run"),
+                         "--no-bf16", "--no-gradient-checkpointing", "--max-steps", "2", "--per-device-batch-size",
+                         "4", "--grad-accum", "1", "--save-strategy", "no", "--logging-steps", "1"])
+    summary = json.loads((final / "reward_training.json").read_text())
+    assert summary["pairs"] == 8 and summary["metrics"]["train"]["train_loss"] > 0
+
+
 @pytest.mark.slow
 def test_tiny_training_learns_the_preference_and_the_server_serves_it(script, tmp_path):
     base = build_tiny_reward_model(tmp_path / "base", hidden_size=32, num_layers=2)

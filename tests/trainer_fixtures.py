@@ -1,5 +1,6 @@
-"""Shared pieces of the trainer tests: tiny offline assets, CPU-mode overrides, and a Ray session that never
-outlives its tests (import the fixtures into a test module with ``from trainer_fixtures import ...``)."""
+"""Shared pieces of the trainer tests: tiny offline assets, CPU-mode overrides, and one Ray session for the
+whole test run that never outlives it. tests/conftest.py makes ``tiny_assets`` and ``ray_session`` available to
+every module; a module that imports them from here instead gets instances of its own."""
 
 from __future__ import annotations
 
@@ -84,24 +85,74 @@ def _ray_daemon_pids() -> list[int]:
     return pids
 
 
-@pytest.fixture(scope="module")
-def ray_session(tiny_assets, tmp_path_factory):
-    """One Ray start-up (CPU mode, our setup hook) shared by a module's trainer runs; always torn down."""
-    import ray
+class _SharedTaskRunner:
+    """Stands in for verl's TaskRunner actor class in ``run_ppo``: every run gets the same actor, started once,
+    instead of a new process that imports verl's trainer and workers again (about 6 s per run on the 2-core VM).
+    What a run builds (worker groups, their processes and placement groups) is still its own."""
 
-    from verl_tre.trainer import main_ppo
+    def __init__(self, actor_class):
+        self.actor_class, self.handle = actor_class, None
 
-    if ray.is_initialized():
-        pytest.fail("Ray is already initialized in the test process; a previous test leaked it")
-    config = main_ppo.compose_config(cpu_overrides(tiny_assets, tmp_path_factory.mktemp("ray"), workers=MAX_WORKERS))
-    main_ppo.init_ray(config)
-    pids = _ray_daemon_pids()
-    try:
-        yield
-    finally:
+    def remote(self):
+        if self.handle is None:
+            self.handle = self.actor_class.remote()
+        return self.handle
+
+    def options(self, **options):  # verl's profiling launch: a separate actor, as verl makes it
+        return self.actor_class.options(**options)
+
+
+class SharedRay:
+    """The Ray session of the trainer runs: started on first use, stopped by ``close`` (idempotent), which
+    tests/conftest.py calls right after the last test that uses it, so that tests after it (e.g. the demo's
+    own Ray start-up) find no Ray running."""
+
+    def __init__(self):
+        self.daemon_pids: list[int] | None = None
+        self.task_runner = None
+
+    def start(self, config) -> None:
+        import ray
+        import verl.trainer.main_ppo as verl_main_ppo
+
+        from verl_tre.trainer import main_ppo
+
+        if ray.is_initialized():
+            pytest.fail("Ray is already initialized in the test process; a previous test leaked it")
+        main_ppo.init_ray(config)
+        self.daemon_pids = _ray_daemon_pids()
+        self.task_runner = verl_main_ppo.TaskRunner
+        verl_main_ppo.TaskRunner = _SharedTaskRunner(self.task_runner)
+
+    def close(self) -> None:
+        if self.daemon_pids is None:
+            return
+        import ray
+        import verl.trainer.main_ppo as verl_main_ppo
+
+        verl_main_ppo.TaskRunner = self.task_runner
         ray.shutdown()
-        for pid in pids:
+        for pid in self.daemon_pids:
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+        self.daemon_pids = None
+
+
+SHARED_RAY = SharedRay()
+
+
+@pytest.fixture(scope="session")
+def ray_session(tiny_assets, tmp_path_factory):
+    """One Ray start-up (CPU mode, our setup hook) and one TaskRunner process shared by every trainer run of the
+    test session; always torn down. Each run releases its placement groups (main_ppo.run), so runs do not see
+    each other's workers."""
+    from verl_tre.trainer import main_ppo
+
+    SHARED_RAY.start(main_ppo.compose_config(cpu_overrides(tiny_assets, tmp_path_factory.mktemp("ray"),
+                                                           workers=MAX_WORKERS)))
+    try:
+        yield
+    finally:
+        SHARED_RAY.close()

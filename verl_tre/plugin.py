@@ -10,6 +10,9 @@ verl 0.4.1 seeds the dataloader (``data.seed``) and vLLM (``rollout.seed``) but 
 HF rollout's sampling and the critic's fresh value head differ on every launch. ``install`` also makes each
 worker's ``init_model`` seed Python, numpy and torch first, with the run's seed plus the worker's rank (our config
 sets ``rollout.seed`` and ``critic.seed`` from ``verl_tre.seed``).
+
+Start-up: each worker group's register-center actor comes from verl_tre.utils.register_center, whose process
+starts without importing verl.
 """
 
 from __future__ import annotations
@@ -20,10 +23,12 @@ import random
 import numpy as np
 import torch
 import verl.models.transformers.monkey_patch as verl_monkey_patch
+import verl.single_controller.base.register_center.ray as verl_register_center
 import verl.workers.actor as verl_actor
 
 import verl_tre.trainer.ppo.core_algos  # noqa: F401  registers the clipped_kl_cov policy loss
 from verl_tre.models import fused_forward
+from verl_tre.utils import register_center
 from verl_tre.workers.actor.dp_actor import TREDataParallelPPOActor
 
 __all__ = ["install", "seed_everything"]
@@ -63,7 +68,9 @@ def _seed_workers() -> None:
 
 def install() -> None:
     """Registers our policy losses, makes verl's workers build TREDataParallelPPOActor (with our fused lm-head
-    forward where use_fused_kernels is on) and seed themselves. Idempotent."""
+    forward where use_fused_kernels is on) and seed themselves, and their groups start a light register center.
+    Idempotent."""
     verl_actor.DataParallelPPOActor = TREDataParallelPPOActor
     verl_monkey_patch.patch_forward_with_backends = fused_forward.patch_forward_with_backends
+    verl_register_center.create_worker_group_register_center = register_center.create_register_center
     _seed_workers()

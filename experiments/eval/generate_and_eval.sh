@@ -10,7 +10,8 @@
 #   OUT_DIR     gets generations.parquet, eval.json (and hf_model/ when a checkpoint was merged).
 # Settings (environment): N_SAMPLES (8), TEMPERATURE (1.0), TOP_P (0.7), TOP_K (-1: off, vLLM's convention;
 #   use 0 with rollout.name=hf), PROMPT_LENGTH (1024), RESPONSE_LENGTH (8192 for MATH in the paper; default
-#   1024), N_GPUS (visible GPUs), TP (tensor parallel size, 1), BATCH_SIZE (prompts per generation batch, 512),
+#   1024), N_GPUS (default: the GPUs nvidia-smi lists; with none the script stops: main_generation needs GPUs),
+#   TP (tensor parallel size, 1), BATCH_SIZE (prompts per generation batch, 512),
 #   KS (k values for the eval, e.g. 1,4,8; default powers of two up to N_SAMPLES), PYTHON (python),
 #   DRY_RUN=1 prints the commands instead of running them.
 set -euo pipefail
@@ -30,16 +31,26 @@ RESPONSE_LENGTH="${RESPONSE_LENGTH:-1024}"
 TP="${TP:-1}"
 BATCH_SIZE="${BATCH_SIZE:-512}"
 PYTHON="${PYTHON:-python}"
+die() { echo "generate_and_eval.sh: $*" >&2; exit 2; }
+
 if [ -z "${N_GPUS:-}" ]; then
   N_GPUS=$( (nvidia-smi -L 2>/dev/null || true) | grep -c '^GPU' || true)
+  # verl's main_generation places each rollout worker on a GPU: without one it waits forever, silently.
+  [ "$N_GPUS" -gt 0 ] || [ "${DRY_RUN:-0}" = 1 ] || die "no GPU is visible (nvidia-smi lists none): verl's" \
+    "main_generation needs one per rollout worker and would wait forever here; run this on a GPU machine (or" \
+    "set N_GPUS to the GPUs nvidia-smi cannot see), or score generations you have with python -m verl_tre.eval"
   [ "$N_GPUS" -gt 0 ] || N_GPUS=1
 fi
-
-die() { echo "generate_and_eval.sh: $*" >&2; exit 2; }
 [ -e "$CKPT" ] || die "checkpoint $CKPT does not exist"
 [ -f "$DATA" ] || die "data file $DATA does not exist (write it with experiments/<task>/data_preprocess first)"
 [[ "$N_SAMPLES" =~ ^[1-9][0-9]*$ ]] || die "N_SAMPLES must be a positive integer, got '$N_SAMPLES'"
+[[ "$N_GPUS" =~ ^[1-9][0-9]*$ ]] || die "N_GPUS must be a positive integer, got '$N_GPUS'"
 [ $((N_GPUS % TP)) -eq 0 ] || die "N_GPUS=$N_GPUS is not a multiple of TP=$TP"
+# main_generation asks Ray for 10 CPUs per GPU worker (RayResourcePool's default max_colocate_count) plus one for
+# its driver task; Ray's CPU count is bookkeeping, so advertise at least that many rather than wait forever for
+# CPUs the machine lacks. A ray_init.num_cpus=N override comes later and wins.
+RAY_CPUS=$(( 10 * N_GPUS + 1 ))
+[ "$(nproc 2>/dev/null || echo 1)" -le "$RAY_CPUS" ] || RAY_CPUS=$(nproc)
 
 run() {
   echo "+ $*" >&2
@@ -66,6 +77,7 @@ run "$PYTHON" -m verl.trainer.main_generation \
   rollout.temperature="$TEMPERATURE" rollout.top_p="$TOP_P" rollout.top_k="$TOP_K" rollout.do_sample=True \
   rollout.prompt_length="$PROMPT_LENGTH" rollout.response_length="$RESPONSE_LENGTH" \
   rollout.tensor_model_parallel_size="$TP" rollout.gpu_memory_utilization=0.6 \
+  ray_init.num_cpus="$RAY_CPUS" \
   "$@"
 
 run "$PYTHON" -m verl_tre.eval "$OUT/generations.parquet" --output "$OUT/eval.json" ${KS:+--k "$KS"}

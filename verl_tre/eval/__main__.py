@@ -3,6 +3,9 @@
 INPUT is the parquet ``verl.trainer.main_generation`` writes (responses are scored with the task rewards),
 or a run's validation dump (``trainer.validation_data_dir``, a ``<step>.jsonl`` or the directory; its
 recorded scores are used). Prints a Markdown table per data source; ``--output`` writes the JSON report.
+HH responses are scored by the reward server (``--reward-kwargs '{"hh_url": ...}'``): the evaluation first
+waits for it to be ready, saying so, for up to ``hh_deadline`` seconds, and ends with one error line if it
+stays down.
 """
 
 from __future__ import annotations
@@ -72,7 +75,9 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
+    from verl_tre.utils.reward_score.hh import RewardServerError
+
     try:
         main()
-    except (ValueError, FileNotFoundError) as error:  # bad input: the message says what to fix
+    except (ValueError, FileNotFoundError, RewardServerError) as error:  # the message says what to fix
         sys.exit(f"error: {error}")

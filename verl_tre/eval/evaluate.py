@@ -9,8 +9,10 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from verl_tre.data import sources
 from verl_tre.eval.answers import Extractor, project_extract
 from verl_tre.eval.metrics import avg_at_k, maj_at_k, pass_at_k
+from verl_tre.eval.server_wait import wait_for_reward_server
 from verl_tre.eval.samples import PromptSamples, min_samples
 
 # compute_score(data_source, solution_str, ground_truth, extra_info=None) -> float | {"score": float, ...}
@@ -50,11 +52,14 @@ def score_samples(
     """Fill ``scores`` (and ``correct`` / ``answers`` where the scorer reports ``acc`` / ``pred``) in place.
 
     ``scorer`` scores one sample; by default the project's dispatcher scores ``chunk_size`` samples per call
-    with ``reward_kwargs``. Groups that already carry scores (validation dumps) are not rescored; answers
-    missing after scoring come from ``extractor`` (default :func:`verl_tre.eval.answers.project_extract`).
+    with ``reward_kwargs``, after waiting for the HH reward server when there are HH samples. Groups that already
+    carry scores (validation dumps) are not rescored; answers missing after scoring come from ``extractor``
+    (default :func:`verl_tre.eval.answers.project_extract`).
     """
     todo = [g for g in groups if g.scores is None]
     if todo:
+        if scorer is None and any(g.data_source == sources.HH for g in todo):
+            wait_for_reward_server(reward_kwargs, progress)
         batch = _per_sample(scorer) if scorer else dispatcher_batch_scorer(**(reward_kwargs or {}))
         flat = [(g, r) for g in todo for r in g.responses]
         outputs: list[Any] = []

@@ -1,9 +1,10 @@
 """Validation of a composed trainer config, by value, before anything expensive starts.
 
-Hydra already rejects unknown keys; this module rejects values that verl would only trip over minutes later
-inside a Ray worker (or never, training something else than intended): out-of-range numbers, unknown names,
-batch sizes that do not divide, missing files. All problems are reported at once, each with the key, the
-value, what is allowed and how to fix it.
+Hydra already rejects unknown keys (and config_keys the ones added with ``+`` that nothing reads); this module
+rejects values that verl would only trip over minutes later inside a Ray worker (or never, training something
+else than intended): out-of-range numbers, unknown names, batch sizes that do not divide, missing files, model
+folders without weights or tokenizer, logger backends that are not installed. All problems are reported at
+once, each with the key, the value, what is allowed and how to fix it.
 """
 
 from __future__ import annotations
@@ -15,11 +16,21 @@ from typing import Any, Callable
 
 from omegaconf import DictConfig, OmegaConf
 
+from verl_tre.trainer.config_keys import unread_added_keys
+
 TASKS = ("math", "countdown", "hh", "arithmetic")
 MODEL_SIZES = ("1.5b", "7b", "135m")
 DEVICES = ("cuda", "cpu", "npu")
 # Estimators that normalise rewards within a group of rollouts of the same prompt: n = 1 gives zero advantages.
 GROUP_ESTIMATORS = ("grpo", "rloo", "grpo_passk", "opo", "reinforce_plus_plus_baseline")
+# trainer.logger backend -> the package verl's Tracking imports for it (the module and the pip name agree).
+LOGGER_PACKAGES = {"wandb": "wandb", "tracking": "wandb", "mlflow": "mlflow", "swanlab": "swanlab",
+                   "vemlp_wandb": "volcengine_ml_platform", "tensorboard": "tensorboard", "clearml": "clearml"}
+# What from_pretrained needs in a local model folder, by what it is for (any one file of each group).
+MODEL_CONFIG = ("model config", ("config.json",))
+WEIGHTS = ("weights", ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                       "pytorch_model.bin.index.json"))
+TOKENIZER = ("tokenizer", ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json"))
 
 
 class ConfigError(ValueError):
@@ -32,6 +43,11 @@ def module_file(module: str) -> str:
     if spec is None or spec.origin is None:
         raise ConfigError(f"module {module!r} is not importable; is verl-tre installed (pip install -e .)?")
     return spec.origin
+
+
+def installed(module: str) -> bool:
+    """Whether ``module`` can be imported here (found, not imported)."""
+    return importlib.util.find_spec(module) is not None
 
 
 def register_resolvers() -> None:
@@ -211,6 +227,10 @@ def _check_trainer(c: _Checker, launching: bool) -> None:
     for name in [loggers] if isinstance(loggers, str) else list(loggers or []):
         if name not in Tracking.supported_backend:
             c.fail(f"{t}.logger", f"backend {name!r} is unknown; choose from {Tracking.supported_backend}")
+        elif launching and name in LOGGER_PACKAGES and not installed(LOGGER_PACKAGES[name]):
+            c.fail(f"{t}.logger", f"backend {name!r} needs the {LOGGER_PACKAGES[name]} package, which is not "
+                                  f"installed here: pip install {LOGGER_PACKAGES[name]}, or leave {name} out of "
+                                  f"{t}.logger (e.g. {t}.logger=[console])")
     if launching and device == "cuda":
         import torch
 
@@ -260,38 +280,43 @@ def _hub_problem(repo_id: str, filename: str) -> str | None:
     return None
 
 
-def _check_model_path(c: _Checker, key: str, needs: tuple[str, ...]) -> None:
-    """A local directory must hold one of ``needs`` (a model config, a tokenizer); a hub id must be reachable."""
+def _check_model_path(c: _Checker, key: str, needs: tuple[tuple[str, tuple[str, ...]], ...]) -> None:
+    """A local directory must hold one file of each group in ``needs`` (what, file names); a hub id must be
+    reachable."""
     path = c.get(key)
     if not isinstance(path, str) or not path or "://" in path:
         return
     local = os.path.expanduser(path)
     if os.path.isdir(local):
-        if not any(os.path.isfile(os.path.join(local, name)) for name in needs):
-            c.fail(key, f"directory {local} holds no {' or '.join(needs)}: not a Hugging Face model folder; "
-                        f"point {key} at the folder that holds it")
+        missing = [names[0] if len(names) == 1 else f"{what} ({' or '.join(names)})" for what, names in needs
+                   if not any(os.path.isfile(os.path.join(local, name)) for name in names)]
+        if missing:
+            c.fail(key, f"directory {local} holds no {' and no '.join(missing)}: not a complete Hugging Face model "
+                        f"folder; point {key} at one (a verl checkpoint's actor/ folder needs "
+                        f"`python -m verl.model_merger merge` first)")
         return
     if os.path.exists(local) or not _HUB_ID.match(path):
         c.fail(key, f"{local} is not a directory and not a hub id (org/name); point {key} at a model folder")
         return
     if path not in c.hub_problems:
-        c.hub_problems[path] = _hub_problem(path, needs[0])
+        c.hub_problems[path] = _hub_problem(path, needs[0][1][0])
     problem = c.hub_problems[path]
     if problem:
         c.fail(key, f"hub id {path} {problem}")
 
 
 def _check_models(c: _Checker) -> None:
-    """Fail before Ray starts, not ~70 s later in a worker: every model and tokenizer path must be loadable."""
-    config_files = ("config.json",)
-    _check_model_path(c, "actor_rollout_ref.model.path", config_files)
+    """Fail before Ray starts, not ~30 s later in a worker: every model and tokenizer path must be loadable. verl
+    loads the tokenizer from the actor's folder, the critic's from critic.model.tokenizer_path."""
+    actor = c.get("actor_rollout_ref.model.path")
+    _check_model_path(c, "actor_rollout_ref.model.path", (MODEL_CONFIG, WEIGHTS, TOKENIZER))
     if c.get("algorithm.adv_estimator") == "gae":
-        _check_model_path(c, "critic.model.path", config_files)
+        _check_model_path(c, "critic.model.path", (MODEL_CONFIG, WEIGHTS))
         tokenizer = c.get("critic.model.tokenizer_path")
-        if tokenizer and tokenizer != c.get("critic.model.path"):
-            _check_model_path(c, "critic.model.tokenizer_path", ("tokenizer_config.json", "tokenizer.json"))
+        if tokenizer and tokenizer != actor:
+            _check_model_path(c, "critic.model.tokenizer_path", (TOKENIZER,))
     if c.get("reward_model.enable"):
-        _check_model_path(c, "reward_model.model.path", config_files)
+        _check_model_path(c, "reward_model.model.path", (MODEL_CONFIG, WEIGHTS))
 
 
 def _check_reward(c: _Checker) -> None:
@@ -318,6 +343,7 @@ def validate(config: DictConfig, launching: bool = True) -> None:
     verl_tre's policy losses must be registered first (``verl_tre.plugin.install()``).
     """
     c = _Checker(config)
+    c.problems += unread_added_keys(config)
     c.one_of("verl_tre.task", TASKS + (None,))
     c.one_of("verl_tre.model_size", MODEL_SIZES + (None,))
     _check_trainer(c, launching)

@@ -25,7 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from verl_tre.runs import checkpoints, identity, lock, record, resume
 from verl_tre.trainer import config_check
-from verl_tre.utils import cpu_mode
+from verl_tre.utils import after_import, cpu_mode
 
 config_check.register_resolvers()
 
@@ -62,7 +62,12 @@ def hide_trl_without_value_head() -> None:
 
 
 def setup_worker_process() -> None:
-    """Ray's worker_process_setup_hook: runs in every worker process before any verl class is built."""
+    """Ray's worker_process_setup_hook, in every worker process: patches verl when ``verl.workers`` is first
+    imported, before any verl worker class exists (processes that never load it start ~2 s sooner)."""
+    after_import.call_after_import("verl.workers", _patch_worker_process)
+
+
+def _patch_worker_process() -> None:
     if os.environ.get(cpu_mode.ENV_FLAG) == "1":
         cpu_mode.apply_worker_patches()
     hide_trl_without_value_head()

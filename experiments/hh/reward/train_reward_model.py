@@ -12,8 +12,9 @@ Paper settings (both presets): num_labels 1, 3 epochs, lr 1e-5, warmup ratio 0.1
     # a tiny CPU run on local data
     python experiments/hh/reward/train_reward_model.py --model DIR --train-file prefs.jsonl --no-bf16 --max-steps 10
 
-Local files (--train-file / --eval-file, .jsonl, .json or .parquet) hold either ``chosen``/``rejected`` as
-message lists ([user, assistant], the hub format) or strings next to a string ``prompt`` column. The final
+Local files (--train-file / --eval-file, .jsonl, .json or .parquet) hold ``chosen``/``rejected`` as message lists
+([user, assistant], the hub format; a ``prompt`` beside them, as in HuggingFaceH4/ultrafeedback_binarized, is
+folded in) or as strings next to a string ``prompt`` column; other columns are dropped. The final
 model goes to OUTPUT_DIR/model (written aside, then renamed into place); point the reward server at it.
 """
 
@@ -93,14 +94,33 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def _conversation(prompt, messages: list[dict]) -> list[dict]:
+    """``messages`` as a whole conversation: as they are when they start with a user turn (the prompt is in
+    them already), else after the prompt (a string, or TRL's list of prompt messages)."""
+    if messages and messages[0]["role"] == "user":
+        return messages
+    return ([{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)) + messages
+
+
 def to_conversations(dataset, source: str):
-    """Keep ``chosen``/``rejected`` as [user, assistant] message lists, the format the server scores."""
+    """``chosen``/``rejected`` as whole [user, assistant] conversations, the format the server scores, and no
+    other column. Accepted layouts: message lists alone (trl-lib/ultrafeedback_binarized); message lists beside
+    a ``prompt`` (HuggingFaceH4/ultrafeedback_binarized: a string prompt that the lists repeat, or a reply-only
+    list after it); strings beside a string ``prompt``. TRL would otherwise read a string prompt next to message
+    lists as plain text and fail."""
     columns = set(dataset.column_names)
     if not {"chosen", "rejected"} <= columns:
         raise ValueError(f"{source} has columns {sorted(columns)}; preference data needs 'chosen' and 'rejected'")
     first = dataset[0]
     if isinstance(first["chosen"], list):
-        return dataset.select_columns([c for c in ("prompt", "chosen", "rejected") if c in columns])
+        if "prompt" not in columns:
+            return dataset.select_columns(["chosen", "rejected"])
+
+        def join(row):
+            return {side: _conversation(row["prompt"], row[side]) for side in ("chosen", "rejected")}
+
+        return dataset.map(join, remove_columns=sorted(columns - {"chosen", "rejected"}),
+                           desc=f"whole conversations {source}")
     if "prompt" not in columns or not isinstance(first["prompt"], str):
         raise ValueError(
             f"{source}: 'chosen'/'rejected' are plain strings but there is no string 'prompt' column. The reward "
