@@ -88,7 +88,8 @@ def test_idempotency_cache_keeps_answers_not_token_ids_within_its_bytes(model_di
             httpx.post(url, json=body(prompts, responses), headers={"Idempotency-Key": "left"}, timeout=0.4)
         time.sleep(0.3)
         abandoned = dict(cache.entries())["left"]
-        assert abandoned.job.cancelled and abandoned.job.ids is None and 0 < scorer.rows - 80 < 10
+        # How many rows were scored before the client left depends on the machine's load (none, on a busy one).
+        assert abandoned.job.cancelled and abandoned.job.ids is None and 0 <= scorer.rows - 80 < 10
         again = httpx.post(url, json=body(prompts, responses), headers={"Idempotency-Key": "left"}, timeout=30)
         assert again.status_code == 200 and scorer.rows == 90  # each pair scored once over both tries
 
