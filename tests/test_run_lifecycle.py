@@ -8,6 +8,7 @@ from __future__ import annotations
 import ast
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -260,6 +261,20 @@ def test_a_launch_prunes_before_resuming_and_keeps_what_it_resumes_from(tiny_ass
     main_ppo.run(main_ppo.compose_config(_launch_overrides(tiny_assets, run_dir, *keep_one, "trainer.resume_mode=resume_path",
                                                            older, "trainer.total_training_steps=10")))
     assert seen == [[2, 4]]
+
+
+def test_a_tracker_naming_a_checkpoint_without_its_model_is_refused_before_ray(tiny_assets, tmp_path, monkeypatch):
+    """One checkpoint kept and a save that died: verl deleted global_step_3's model, global_step_4 never got one."""
+    config = _config(tiny_assets, tmp_path / "run", "trainer.max_actor_ckpt_to_keep=1", "trainer.total_training_steps=9")
+    run_dir = _record_run(config, [1, 2, 3, 4], checkpoint=3)
+    shutil.rmtree(run_dir / "global_step_3" / "actor")
+    (run_dir / "global_step_3" / "data.pt").write_bytes(b"")
+    _checkpoint(run_dir, 2, "actor")
+    monkeypatch.setattr(main_ppo, "_run_trainer", lambda config: pytest.fail("the trainer must not start"))
+    with pytest.raises(config_check.ConfigError, match=r"names global_step_3, which holds no actor checkpoint.*"
+                                                         r"complete one \(step 2\)"):
+        main_ppo.run(main_ppo.compose_config(_launch_overrides(tiny_assets, run_dir, "trainer.max_actor_ckpt_to_keep=1",
+                                                               "trainer.total_training_steps=9")))
 
 
 def test_a_value_the_name_is_made_of_is_checked_before_naming(tmp_path, monkeypatch, capsys):

@@ -141,4 +141,19 @@ def decide(config: DictConfig) -> Launch:
     steps = record.logged_steps(directory)
     if step is None and (steps or finished) and not anyway:
         raise ConfigError(_no_checkpoint(directory, steps, finished, config))
+    if step is not None and not (source / "actor").is_dir():
+        raise ConfigError(_missing_checkpoint(directory, source))
     return resumable
+
+
+def _missing_checkpoint(directory: Path, source: Path) -> str:
+    """verl deletes the oldest checkpoint before it writes the next: with one kept, a save that dies leaves the
+    tracker naming a checkpoint whose model is gone, and the resume would fail inside Ray."""
+    complete = [str(step) for step, folder in checkpoints.checkpoint_dirs(directory)
+                if folder != source and (folder / "actor").is_dir()]
+    older = (f"resume from a complete one (step {', '.join(complete)}) with trainer.resume_mode=resume_path "
+             f"trainer.resume_from_path={directory}/global_step_<N>, or " if complete else "")
+    return (f"{directory}/{checkpoints.CHECKPOINT_TRACKER} names {source.name}, which holds no actor checkpoint (a "
+            f"save that died after verl deleted the previous checkpoint, e.g. with trainer.max_actor_ckpt_to_keep=1). "
+            f"Either {older}delete {directory} to train again from scratch; keep 2 checkpoints "
+            f"(trainer.max_actor_ckpt_to_keep=2) so that a dying save leaves a complete one.")
