@@ -123,6 +123,7 @@ def _fake_previous_run(config, tmp_path, checkpoint=True):
         role["optim"]["total_training_steps"] = 2  # verl's trainer writes the run's length there before recording
     (directory / "run.json").write_text(json.dumps(record.run_summary(recorded)))
     if checkpoint:
+        (directory / "global_step_2" / "actor").mkdir(parents=True)
         (directory / "latest_checkpointed_iteration.txt").write_text("2")
     return directory
 
