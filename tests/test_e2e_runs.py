@@ -149,8 +149,10 @@ def test_one_writer_per_run_ctrl_c_and_retention_across_launches(ray_session, ti
     assert first_steps == list(range(1, max(first_steps) + 1)) and resumed_from >= 2
     # Pruned while it trained: at most the two newest hold a model. A Ctrl-C between a step's save and its log (when
     # the trainer's pruning runs) can leave an older folder holding only its data.pt; the relaunch removes it.
-    with_model = [step for step, folder in checkpoints.checkpoint_dirs(run_dir) if (folder / "actor").is_dir()]
-    assert with_model and min(with_model) >= resumed_from - 1, checkpoints.checkpoint_dirs(run_dir)
+    on_disk = checkpoints.checkpoint_dirs(run_dir)
+    with_model = [step for step, folder in on_disk if (folder / "actor").is_dir()]
+    assert with_model and min(with_model) >= resumed_from - 1, on_disk
+    assert all([f.name for f in folder.iterdir()] == ["data.pt"] for step, folder in on_disk if step < resumed_from - 1)
     end = resumed_from + 1
     relaunch = [*launch_args, f"trainer.total_training_steps={end}"]
     main_ppo.run(main_ppo.compose_config(relaunch))
